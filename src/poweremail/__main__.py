@@ -1,0 +1,3 @@
+from poweremail.cli import main
+
+raise SystemExit(main())

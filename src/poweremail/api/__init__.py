@@ -1,0 +1,1 @@
+"""The management API: the document's ``/settings/*`` calls (SPEC §2)."""

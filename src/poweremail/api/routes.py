@@ -1,0 +1,212 @@
+"""The five ``/settings/*`` calls of SPEC §2.
+
+Each call is a small function from validated parameters to the success fields. ``settings_call``
+supplies what they all share, in the order SPEC §2 fixes: the body parses, the parameters are present
+and well typed, the owner authenticates, then the call does its work, in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from poweremail.api.body import FORM_CONTENT_TYPE, parse_body
+from poweremail.api.models import (
+    AddSmtpRequest,
+    CredentialsResponse,
+    DeleteSmtpRequest,
+    EditSmtpRequest,
+    ErrorResponse,
+    ListSmtpRequest,
+    ListSmtpResponse,
+    MessageOnlyResponse,
+    ResetSmtpPasswordRequest,
+    validate_params,
+)
+from poweremail.api.responses import error_response, json_response
+from poweremail.errors import ApiError, AuthenticationError, GeneralError, ValidationError
+from poweremail.services import Services
+from poweremail.store import owners, smtp_users
+
+logger = logging.getLogger("poweremail.api")
+router = APIRouter(prefix="/settings", tags=["SMTP users"])
+
+P = TypeVar("P", bound=BaseModel)
+CallBody = Callable[[P, Services], Awaitable[dict[str, Any]]]
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "ValidationError: a parameter is missing, wrong or unknown"},
+    401: {"model": ErrorResponse, "description": "AuthenticationError: owner_id and token do not match"},
+    500: {"model": ErrorResponse, "description": "GeneralError: something unexpected; details are logged"},
+}
+
+
+def settings_call(
+    name: str, request_model: type[P], response_model: type[BaseModel], *, summary: str, example: dict[str, Any]
+) -> Callable[[CallBody[P]], CallBody[P]]:
+    schema = request_model.model_json_schema()
+    openapi_extra = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema, "example": example},
+                FORM_CONTENT_TYPE: {"schema": schema},
+            },
+        }
+    }
+
+    def register(body: CallBody[P]) -> CallBody[P]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                raw_params = parse_body(await request.body(), request.headers.get("content-type"))
+                params = validate_params(request_model, raw_params)
+                fields = await body(params, request.app.state.services)
+            except ApiError as exc:
+                logger.info("%s refused: %s %s", name, exc.type_name, exc.message)
+                return error_response(exc)
+            except Exception:
+                logger.exception("%s failed unexpectedly", name)
+                return error_response(GeneralError())
+            return json_response({"status": "success", **fields})
+
+        endpoint.__name__ = name
+        router.add_api_route(
+            f"/{name}",
+            endpoint,
+            methods=["POST"],
+            summary=summary,
+            description=body.__doc__,
+            operation_id=name,
+            openapi_extra=openapi_extra,
+            responses={200: {"model": response_model, "description": "success"}, **_ERROR_RESPONSES},
+        )
+        return body
+
+    return register
+
+
+async def _owner_pk(conn: AsyncConnection, params: Any) -> int:
+    owner_pk = await owners.authenticate_owner(conn, owner_id=params.owner_id, token=params.token)
+    if owner_pk is None:
+        raise AuthenticationError()
+    return owner_pk
+
+
+async def _smtp_user_id(conn: AsyncConnection, owner_pk: int, name: str) -> int:
+    smtp_user_id = await smtp_users.find_smtp_user_id(conn, owner_pk=owner_pk, name=name)
+    if smtp_user_id is None:
+        # The same answer for another owner's user and for none at all (SPEC §2).
+        raise ValidationError(f"smtp_user_name {name!r} names no SMTP user of this owner")
+    return smtp_user_id
+
+
+_CREDENTIALS = {"owner_id": "example id", "token": "example token"}
+
+
+@settings_call(
+    "addSmtp",
+    AddSmtpRequest,
+    CredentialsResponse,
+    summary="Add a new SMTP User",
+    example={**_CREDENTIALS, "total_limit": 100, "hourly_limit": 10},
+)
+async def add_smtp(params: AddSmtpRequest, services: Services) -> dict[str, Any]:
+    """Creates an enabled SMTP user with a generated name and password, both returned."""
+    async with services.database.write() as conn:
+        owner_pk = await _owner_pk(conn, params)
+        name, password = await smtp_users.create_smtp_user(
+            conn,
+            owner_pk=owner_pk,
+            keyring=services.keyring,
+            total_limit=params.total_limit,
+            hourly_limit=params.hourly_limit,
+        )
+    return {"message": "SMTP User Created", "smtp_user_name": name, "smtp_password": password}
+
+
+@settings_call(
+    "editSmtp",
+    EditSmtpRequest,
+    MessageOnlyResponse,
+    summary="Edit SMTP User",
+    example={**_CREDENTIALS, "smtp_user_name": "smtp12345", "total_limit": 80, "hourly_limit": 15, "status": "Disable"},
+)
+async def edit_smtp(params: EditSmtpRequest, services: Services) -> dict[str, Any]:
+    """Sets the total limit, and the hourly limit and status when given. Lowering a limit below what
+    was already sent is allowed: the user simply cannot send more."""
+    async with services.database.write() as conn:
+        owner_pk = await _owner_pk(conn, params)
+        smtp_user_id = await _smtp_user_id(conn, owner_pk, params.smtp_user_name)
+        await smtp_users.update_smtp_user(
+            conn,
+            smtp_user_id=smtp_user_id,
+            total_limit=params.total_limit,
+            hourly_limit=params.hourly_limit,
+            status=params.status,
+        )
+    return {"message": "SMTP User Updated"}
+
+
+@settings_call(
+    "resetSmtpPassword",
+    ResetSmtpPasswordRequest,
+    CredentialsResponse,
+    summary="Password Reset for SMTP user",
+    example={**_CREDENTIALS, "smtp_user_name": "smtp12345"},
+)
+async def reset_smtp_password(params: ResetSmtpPasswordRequest, services: Services) -> dict[str, Any]:
+    """Issues a new password; the old one stops logging in at once."""
+    async with services.database.write() as conn:
+        owner_pk = await _owner_pk(conn, params)
+        smtp_user_id = await _smtp_user_id(conn, owner_pk, params.smtp_user_name)
+        password = await smtp_users.reset_smtp_password(
+            conn, smtp_user_id=smtp_user_id, name=params.smtp_user_name, keyring=services.keyring
+        )
+    # "reseted" is the document's word; clients may match on it.
+    return {"message": "password reseted", "smtp_user_name": params.smtp_user_name, "smtp_password": password}
+
+
+@settings_call("listSmtp", ListSmtpRequest, ListSmtpResponse, summary="List SMTP users", example=_CREDENTIALS)
+async def list_smtp(params: ListSmtpRequest, services: Services) -> dict[str, Any]:
+    """This owner's SMTP users, oldest first, with passwords, limits and usage."""
+    async with services.database.read() as conn:
+        owner_pk = await _owner_pk(conn, params)
+        listing = await smtp_users.list_smtp_users(conn, owner_pk=owner_pk, keyring=services.keyring)
+    return {
+        "message": f"{len(listing)} SMTP user{'' if len(listing) == 1 else 's'}",
+        "smtp_list": [
+            {
+                "smtp_user_name": user.name,
+                "smtp_password": user.password,
+                "status": user.status,
+                "total_limit": user.total_limit,
+                "hourly_limit": user.hourly_limit,
+                "sent_total": user.sent_total,
+                "sent_last_hour": user.sent_last_hour,
+            }
+            for user in listing
+        ],
+    }
+
+
+@settings_call(
+    "deleteSmtp",
+    DeleteSmtpRequest,
+    MessageOnlyResponse,
+    summary="Delete SMTP User (not in the document)",
+    example={**_CREDENTIALS, "smtp_user_name": "smtp12345"},
+)
+async def delete_smtp(params: DeleteSmtpRequest, services: Services) -> dict[str, Any]:
+    """Stops the user's logins at once; mail it already queued is still delivered. Its name is never
+    issued again."""
+    async with services.database.write() as conn:
+        owner_pk = await _owner_pk(conn, params)
+        smtp_user_id = await _smtp_user_id(conn, owner_pk, params.smtp_user_name)
+        await smtp_users.delete_smtp_user(conn, smtp_user_id=smtp_user_id)
+    return {"message": "SMTP User Deleted"}

@@ -1,0 +1,235 @@
+"""The ``poweremail`` command: ``serve``, ``owner create|list|rotate-token``, ``keys rotate``.
+
+Every failure a user can cause (a bad flag, an unreachable database, a busy port, a broken key
+file) ends with one line on stderr and a non-zero exit, never a traceback (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+import pydantic
+
+from poweremail import __version__
+from poweremail.config import Settings, load_settings
+from poweremail.keyring import DecryptionError, Keyring, KeyringError
+from poweremail.listeners import ListenError
+from poweremail.services import DataDirError, Services, open_services
+from poweremail.store import owners, smtp_users
+from poweremail.store.database import DatabaseUnavailableError, DatabaseUrlError
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A failure to report in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", help="where the SQLite store and generated keys live (default ./data)")
+    common.add_argument("--database-url", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+    common.add_argument("--secret-key-file", help="keyring that encrypts SMTP passwords (default DATA_DIR/secret.key)")
+    common.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return common
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_flags()
+    parser = _Parser(prog="poweremail", description="Self-hostable email-sending service.")
+    parser.add_argument("--version", action="version", version=f"poweremail {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser("serve", parents=[common], help="run the API (and, later, SMTP and delivery)")
+    serve.add_argument("--api-host")
+    serve.add_argument("--api-port", type=_port)
+    serve.add_argument("--smtp-host")
+    serve.add_argument("--smtp-port", type=_port)
+    serve.add_argument("--smtps-port", type=_port)
+    serve.add_argument("--relay", metavar="HOST:PORT", help="deliver everything through this server")
+    serve.add_argument("--tls-cert")
+    serve.add_argument("--tls-key")
+    serve.add_argument("--roles", help="comma-separated subset of api,smtp,delivery (default: all)")
+    serve.set_defaults(run=_serve)
+
+    owner = commands.add_parser("owner", help="manage owners (the API's owner_id + token)")
+    owner_commands = owner.add_subparsers(dest="owner_command", required=True, parser_class=_Parser)
+    create = owner_commands.add_parser("create", parents=[common], help="create an owner; prints owner_id and token")
+    create.add_argument("--name", help="a label for the owner")
+    create.set_defaults(run=_owner_create)
+    rotate = owner_commands.add_parser("rotate-token", parents=[common], help="issue a new token; the old one stops working")
+    rotate.add_argument("owner_id")
+    rotate.set_defaults(run=_owner_rotate_token)
+    listing = owner_commands.add_parser("list", parents=[common], help="list owners (never their tokens)")
+    listing.set_defaults(run=_owner_list)
+
+    keys = commands.add_parser("keys", help="manage the key that encrypts SMTP passwords")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    keys_rotate = keys_commands.add_parser("rotate", parents=[common], help="re-encrypt every password under a new key")
+    keys_rotate.set_defaults(run=_keys_rotate)
+    return parser
+
+
+_SETTINGS_FLAGS = (
+    "data_dir", "database_url", "secret_key_file", "log_level", "api_host", "api_port", "smtp_host",
+    "smtp_port", "smtps_port", "relay", "tls_cert", "tls_key", "roles",
+)  # fmt: skip
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(**{name: getattr(args, name, None) for name in _SETTINGS_FLAGS})
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        flag = "--" + name.replace("_", "-")
+        raise CommandError(f"bad value for {flag} (or POWEREMAIL_{name.upper()}): {error['msg']}") from None
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+async def _serve(settings: Settings) -> int:
+    from poweremail.node import run_node  # the web stack loads only for serve
+
+    await run_node(settings)
+    return 0
+
+
+async def _with_services(settings: Settings, work: Callable[[Services], Awaitable[int]]) -> int:
+    services = await open_services(settings)
+    try:
+        return await work(services)
+    finally:
+        await services.close()
+
+
+async def _owner_create(settings: Settings, *, name: str | None = None) -> int:
+    async def work(services: Services) -> int:
+        async with services.database.write() as conn:
+            owner = await owners.create_owner(conn, name=name)
+        print(json.dumps({"owner_id": owner.owner_id, "token": owner.token}))
+        return 0
+
+    return await _with_services(settings, work)
+
+
+async def _owner_rotate_token(settings: Settings, *, owner_id: str) -> int:
+    async def work(services: Services) -> int:
+        async with services.database.write() as conn:
+            token = await owners.rotate_owner_token(conn, owner_id=owner_id)
+        if token is None:
+            raise CommandError(f"no owner with owner_id {owner_id!r}")
+        print(json.dumps({"owner_id": owner_id, "token": token}))
+        return 0
+
+    return await _with_services(settings, work)
+
+
+async def _owner_list(settings: Settings) -> int:
+    async def work(services: Services) -> int:
+        async with services.database.read() as conn:
+            listing = await owners.list_owners(conn)
+        for owner in listing:
+            print(
+                json.dumps(
+                    {
+                        "owner_id": owner.owner_id,
+                        "name": owner.name,
+                        "active": owner.is_active,
+                        "created_at": owner.created_at.isoformat(),
+                        "smtp_users": owner.smtp_user_count,
+                    }
+                )
+            )
+        return 0
+
+    return await _with_services(settings, work)
+
+
+async def _keys_rotate(settings: Settings) -> int:
+    """Add a new primary key, move every password onto it, then retire the old keys.
+
+    Each step is safe to interrupt: until the last one, both keys are in the file, and every row
+    names the key it is under. Running the command again finishes the job.
+    """
+
+    async def work(services: Services) -> int:
+        keyring: Keyring = services.keyring
+        new_id = keyring.add_primary_key()
+        moved = 0
+        while True:
+            async with services.database.write() as conn:
+                batch = await smtp_users.reencrypt_passwords(conn, keyring=keyring)
+            moved += batch
+            if batch == 0:
+                break
+        async with services.database.read() as conn:
+            still_used = set(await smtp_users.key_ids_in_use(conn)) - {new_id}
+        if still_used:  # a node wrote under an old key meanwhile; keep it and say so
+            raise CommandError(f"passwords still under key(s) {sorted(still_used)}; run keys rotate again")
+        retired = keyring.retire_all_but_primary()
+        print(json.dumps({"primary_key_id": new_id, "passwords_reencrypted": moved, "retired_key_ids": retired}))
+        return 0
+
+    return await _with_services(settings, work)
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+
+def _command_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "owner" and args.owner_command == "create":
+        return {"name": args.name}
+    if args.command == "owner" and args.owner_command == "rotate-token":
+        return {"owner_id": args.owner_id}
+    return {}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings_from(args)
+        logging.basicConfig(
+            level=settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        if settings.log_level != "DEBUG":  # one line per migration step is noise in `owner create`
+            logging.getLogger("alembic").setLevel(logging.WARNING)
+        return asyncio.run(args.run(settings, **_command_kwargs(args)))
+    except (
+        CommandError,
+        DataDirError,
+        DatabaseUnavailableError,
+        DatabaseUrlError,
+        DecryptionError,
+        KeyringError,
+        ListenError,
+    ) as exc:
+        print(f"poweremail: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""Pure rules of the product, with no I/O: credentials, limits."""

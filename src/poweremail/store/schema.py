@@ -1,0 +1,59 @@
+"""The tables. Names follow the product: an owner has SMTP users; each SMTP user has limits.
+
+Migrations in ``migrations/versions`` create exactly this schema; a test compares the two.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# The document's "PowerEmailUser": who calls the management API with owner_id + token.
+owners = sa.Table(
+    "owners",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    # The public identifier, the API's owner_id.
+    sa.Column("owner_id", sa.String(64), nullable=False, unique=True),
+    sa.Column("name", sa.String(200), nullable=True),
+    # SHA-256 of the token; the token itself is shown once, at creation or rotation.
+    sa.Column("token_sha256", sa.LargeBinary(32), nullable=False),
+    sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("token_rotated_at", sa.DateTime(timezone=True), nullable=True),
+    sqlite_autoincrement=True,
+)
+
+SMTP_USER_STATUSES = ("Enable", "Disable")
+
+# The credentials applications log in to our SMTP server with, and their sending limits.
+smtp_users = sa.Table(
+    "smtp_users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    # "smtp" + digits, unique across all owners and never reused: a deleted user keeps its row.
+    sa.Column("name", sa.String(32), nullable=False, unique=True),
+    sa.Column("owner_pk", sa.Integer, sa.ForeignKey("owners.id"), nullable=False, index=True),
+    # AES-GCM nonce + ciphertext of the password, the SMTP user's name as associated data
+    # (poweremail.keyring). NULL once the user is deleted: nothing left to recover.
+    sa.Column("password_ciphertext", sa.LargeBinary, nullable=True),
+    sa.Column("password_key_id", sa.Integer, nullable=True),
+    sa.Column("status", sa.String(7), nullable=False),
+    sa.Column("total_limit", sa.Integer, nullable=False),
+    sa.Column("hourly_limit", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint("status IN ('Enable', 'Disable')", name="status_is_enable_or_disable"),
+    sa.CheckConstraint("total_limit >= 1 AND hourly_limit >= 1", name="limits_are_positive"),
+    sqlite_autoincrement=True,
+)

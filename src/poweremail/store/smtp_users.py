@@ -1,0 +1,188 @@
+"""SMTP users: the rows behind addSmtp, editSmtp, resetSmtpPassword, listSmtp and deleteSmtp.
+
+Every function that takes ``owner_pk`` only ever sees that owner's users (owner isolation, SPEC §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from poweremail.domain.credentials import new_smtp_password, new_smtp_user_name
+from poweremail.keyring import Keyring
+from poweremail.store.schema import smtp_users
+
+# A fresh random name collides with an existing one with probability (users / 9e9); five draws in a
+# row colliding means something else is wrong.
+_NAME_ATTEMPTS = 5
+
+
+class NameSpaceExhaustedError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class SmtpUserListing:
+    name: str
+    password: str
+    status: str
+    total_limit: int
+    hourly_limit: int
+    sent_total: int
+    sent_last_hour: int
+
+
+def _insert_ignoring_name_conflict(conn: AsyncConnection) -> sa.Insert:
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    return insert(smtp_users).on_conflict_do_nothing(index_elements=["name"])
+
+
+async def create_smtp_user(
+    conn: AsyncConnection, *, owner_pk: int, keyring: Keyring, total_limit: int, hourly_limit: int
+) -> tuple[str, str]:
+    """Create an enabled SMTP user; return its ``(name, password)``."""
+    password = new_smtp_password()
+    now = datetime.now(UTC)
+    for _ in range(_NAME_ATTEMPTS):
+        name = new_smtp_user_name()
+        key_id, ciphertext = keyring.encrypt_password(password, smtp_user_name=name)
+        # ON CONFLICT DO NOTHING rather than catching IntegrityError: on PostgreSQL an error would
+        # abort the whole transaction; here a taken name simply inserts no row and we draw again.
+        result = await conn.execute(
+            _insert_ignoring_name_conflict(conn)
+            .values(
+                name=name,
+                owner_pk=owner_pk,
+                password_ciphertext=ciphertext,
+                password_key_id=key_id,
+                status="Enable",
+                total_limit=total_limit,
+                hourly_limit=hourly_limit,
+                created_at=now,
+                updated_at=now,
+            )
+            .returning(smtp_users.c.id)
+        )
+        if result.first() is not None:
+            return name, password
+    raise NameSpaceExhaustedError("could not draw an unused SMTP user name")
+
+
+async def find_smtp_user_id(conn: AsyncConnection, *, owner_pk: int, name: str) -> int | None:
+    """The id of this owner's live SMTP user called ``name``; ``None`` for another owner's or none."""
+    return await conn.scalar(
+        sa.select(smtp_users.c.id).where(
+            smtp_users.c.name == name,
+            smtp_users.c.owner_pk == owner_pk,
+            smtp_users.c.deleted_at.is_(None),
+        )
+    )
+
+
+async def update_smtp_user(
+    conn: AsyncConnection,
+    *,
+    smtp_user_id: int,
+    total_limit: int,
+    hourly_limit: int | None = None,
+    status: str | None = None,
+) -> None:
+    values: dict[str, object] = {"total_limit": total_limit, "updated_at": datetime.now(UTC)}
+    if hourly_limit is not None:
+        values["hourly_limit"] = hourly_limit
+    if status is not None:
+        values["status"] = status
+    await conn.execute(smtp_users.update().where(smtp_users.c.id == smtp_user_id).values(**values))
+
+
+async def reset_smtp_password(conn: AsyncConnection, *, smtp_user_id: int, name: str, keyring: Keyring) -> str:
+    password = new_smtp_password()
+    key_id, ciphertext = keyring.encrypt_password(password, smtp_user_name=name)
+    await conn.execute(
+        smtp_users.update()
+        .where(smtp_users.c.id == smtp_user_id)
+        .values(password_ciphertext=ciphertext, password_key_id=key_id, updated_at=datetime.now(UTC))
+    )
+    return password
+
+
+async def delete_smtp_user(conn: AsyncConnection, *, smtp_user_id: int) -> None:
+    """Soft delete: the row stays so the name is never issued again; the password is erased."""
+    now = datetime.now(UTC)
+    await conn.execute(
+        smtp_users.update()
+        .where(smtp_users.c.id == smtp_user_id)
+        .values(
+            deleted_at=now,
+            updated_at=now,
+            status="Disable",
+            password_ciphertext=None,
+            password_key_id=None,
+        )
+    )
+
+
+async def list_smtp_users(conn: AsyncConnection, *, owner_pk: int, keyring: Keyring) -> list[SmtpUserListing]:
+    """This owner's live SMTP users, oldest first, with their passwords and usage."""
+    rows = await conn.execute(
+        sa.select(
+            smtp_users.c.name,
+            smtp_users.c.password_ciphertext,
+            smtp_users.c.password_key_id,
+            smtp_users.c.status,
+            smtp_users.c.total_limit,
+            smtp_users.c.hourly_limit,
+        )
+        .where(smtp_users.c.owner_pk == owner_pk, smtp_users.c.deleted_at.is_(None))
+        .order_by(smtp_users.c.id)
+    )
+    return [
+        SmtpUserListing(
+            name=row.name,
+            password=keyring.decrypt_password(
+                row.password_key_id, row.password_ciphertext, smtp_user_name=row.name
+            ),
+            status=row.status,
+            total_limit=row.total_limit,
+            hourly_limit=row.hourly_limit,
+            # Counted once the SMTP server sends mail (issue 3); nothing can have been sent before.
+            sent_total=0,
+            sent_last_hour=0,
+        )
+        for row in rows
+    ]
+
+
+async def reencrypt_passwords(conn: AsyncConnection, *, keyring: Keyring, batch: int = 500) -> int:
+    """Move up to ``batch`` passwords not under the primary key onto it; return how many moved."""
+    rows = (
+        await conn.execute(
+            sa.select(smtp_users.c.id, smtp_users.c.name, smtp_users.c.password_key_id, smtp_users.c.password_ciphertext)
+            .where(
+                smtp_users.c.password_ciphertext.is_not(None),
+                smtp_users.c.password_key_id != keyring.primary,
+            )
+            .limit(batch)
+        )
+    ).all()
+    for row in rows:
+        password = keyring.decrypt_password(row.password_key_id, row.password_ciphertext, smtp_user_name=row.name)
+        key_id, ciphertext = keyring.encrypt_password(password, smtp_user_name=row.name)
+        await conn.execute(
+            smtp_users.update()
+            .where(smtp_users.c.id == row.id)
+            .values(password_ciphertext=ciphertext, password_key_id=key_id)
+        )
+    return len(rows)
+
+
+async def key_ids_in_use(conn: AsyncConnection) -> Iterable[int]:
+    rows = await conn.execute(
+        sa.select(smtp_users.c.password_key_id).where(smtp_users.c.password_key_id.is_not(None)).distinct()
+    )
+    return [int(key_id) for (key_id,) in rows]

@@ -22,10 +22,12 @@ from poweremail.keyring import DecryptionError, Keyring, KeyringError
 from poweremail.listeners import ListenError
 from poweremail.services import DataDirError, Services, open_services
 from poweremail.store import owners, smtp_users
-from poweremail.store.database import DatabaseUnavailableError, DatabaseUrlError
+from poweremail.store.database import Database, DatabaseUnavailableError, DatabaseUrlError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# Long enough for an addSmtp that read the old key file to commit before the last sweep.
+ROTATION_SETTLE_SECONDS = 1.0
 
 
 class CommandError(Exception):
@@ -170,28 +172,31 @@ async def _owner_list(settings: Settings) -> int:
 
 
 async def _keys_rotate(settings: Settings) -> int:
-    """Add a new primary key, move every password onto it, then retire the old keys.
+    """Add a new primary key, move every password onto it, retire the old keys, sweep once more.
 
-    Each step is safe to interrupt: until the last one, both keys are in the file, and every row
-    names the key it is under. Running the command again finishes the job.
+    Each step is safe to interrupt: until the file drops the old keys, every row names a key the
+    file holds, and running the command again finishes the job. Running servers re-read the file
+    before each encryption; the last sweep, with the old keys kept in memory only, moves anything a
+    server wrote under an old key just before it saw the new file.
     """
 
-    async def work(services: Services) -> int:
-        keyring: Keyring = services.keyring
-        new_id = keyring.add_primary_key()
+    async def move_all(keyring: Keyring, database: Database) -> int:
         moved = 0
         while True:
-            async with services.database.write() as conn:
+            async with database.write() as conn:
                 batch = await smtp_users.reencrypt_passwords(conn, keyring=keyring)
-            moved += batch
             if batch == 0:
-                break
-        async with services.database.read() as conn:
-            still_used = set(await smtp_users.key_ids_in_use(conn)) - {new_id}
-        if still_used:  # a node wrote under an old key meanwhile; keep it and say so
-            raise CommandError(f"passwords still under key(s) {sorted(still_used)}; run keys rotate again")
-        retired = keyring.retire_all_but_primary()
-        print(json.dumps({"primary_key_id": new_id, "passwords_reencrypted": moved, "retired_key_ids": retired}))
+                return moved
+            moved += batch
+
+    async def work(services: Services) -> int:
+        old_ids = sorted(services.keyring.keys)
+        new_id = services.keyring.add_primary_key()
+        moved = await move_all(services.keyring, services.database)
+        every_key = services.keyring.retire_all_but_primary()
+        await asyncio.sleep(ROTATION_SETTLE_SECONDS)
+        moved += await move_all(every_key, services.database)
+        print(json.dumps({"primary_key_id": new_id, "passwords_reencrypted": moved, "retired_key_ids": old_ids}))
         return 0
 
     return await _with_services(settings, work)

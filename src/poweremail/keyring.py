@@ -50,6 +50,9 @@ class Keyring:
     path: Path
     primary: int
     keys: dict[int, bytes]
+    # A serving keyring follows the file, so a rotation reaches it before its next encryption.
+    # ``keys rotate`` turns this off for its final sweep, which must keep the retired keys in memory.
+    follow_file: bool = True
     _loaded_stat: tuple[int, int] | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:  # never show key material
@@ -125,16 +128,20 @@ class Keyring:
         self.save()
         return new_id
 
-    def retire_all_but_primary(self) -> list[int]:
-        retired = sorted(key_id for key_id in self.keys if key_id != self.primary)
+    def retire_all_but_primary(self) -> Keyring:
+        """Write the file with only the primary key; return an in-memory keyring that still holds
+        every key (never saved), for a last sweep of rows written under an old key meanwhile."""
+        everything = Keyring(path=self.path, primary=self.primary, keys=dict(self.keys), follow_file=False)
         self.keys = {self.primary: self.keys[self.primary]}
         self.save()
-        return retired
+        return everything
 
     # --- SMTP passwords -------------------------------------------------------------------------
 
     def encrypt_password(self, password: str, *, smtp_user_name: str) -> tuple[int, bytes]:
         """Return ``(key_id, nonce || ciphertext)`` under the primary key."""
+        if self.follow_file:
+            self.reload_if_changed()  # one stat(); encryptions happen only in addSmtp and resets
         nonce = secrets.token_bytes(NONCE_BYTES)
         sealed = AESGCM(self.keys[self.primary]).encrypt(
             nonce, password.encode(), _password_aad(smtp_user_name)
@@ -143,7 +150,7 @@ class Keyring:
 
     def decrypt_password(self, key_id: int, blob: bytes, *, smtp_user_name: str) -> str:
         key = self.keys.get(key_id)
-        if key is None and self.reload_if_changed():
+        if key is None and self.follow_file and self.reload_if_changed():
             key = self.keys.get(key_id)
         if key is None:
             raise DecryptionError(f"no key with id {key_id} in {self.path}")

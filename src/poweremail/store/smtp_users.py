@@ -5,7 +5,6 @@ Every function that takes ``owner_pk`` only ever sees that owner's users (owner 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -179,10 +178,3 @@ async def reencrypt_passwords(conn: AsyncConnection, *, keyring: Keyring, batch:
             .values(password_ciphertext=ciphertext, password_key_id=key_id)
         )
     return len(rows)
-
-
-async def key_ids_in_use(conn: AsyncConnection) -> Iterable[int]:
-    rows = await conn.execute(
-        sa.select(smtp_users.c.password_key_id).where(smtp_users.c.password_key_id.is_not(None)).distinct()
-    )
-    return [int(key_id) for (key_id,) in rows]

@@ -1,0 +1,430 @@
+"""Benchmark of the management API: listSmtp (10 and 1,000 users) and addSmtp against a bare endpoint.
+
+    python bench/api.py [--runs 3] [--duration 8] [--connections 16]
+
+Starts ``poweremail serve --roles api`` (SQLite, in a temporary data directory) and bench/bare_api.py
+(the same web stack answering a constant), creates owners and SMTP users through the API, then
+loads each target with wrk, alternating with the bare endpoint within every run so that drift of
+the machine (another process, thermal state) touches both sides alike. Medians over the runs go to
+the terminal and to docs/benchmarks/api.md. The target of the issue: listSmtp for 10 users at no
+less than half the bare endpoint's requests per second.
+
+Needs wrk (Debian: ``apt-get install -y wrk``) and httpx (``pip install -e .[test]``). Exits 1 if any
+request failed (non-2xx, socket errors, timeouts) or the server logged an error; the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+LUA_SCRIPT = BENCH_DIR / "post.lua"
+REPORT_PATH = REPO_ROOT / "docs" / "benchmarks" / "api.md"
+
+TARGET_RATIO = 0.5  # the issue: listSmtp(10 users) >= 0.5x the bare endpoint's requests/s
+GOAL_TARGET = "listSmtp, 10 users"
+BARE = "bare endpoint"
+# The largest limits the API accepts: the owner that addSmtp loads must never be refused for limits.
+MAX_LIMIT = 2_147_483_647
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+WARMUP_S = 2
+
+
+@dataclass(frozen=True)
+class Owner:
+    owner_id: str
+    token: str
+
+    def credentials(self) -> dict[str, str]:
+        return {"owner_id": self.owner_id, "token": self.token}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    body: str  # JSON sent on every request
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    target: str
+    run: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int  # wrk counts answers >= 400 here
+    socket_errors: int  # connect, read, write errors and timeouts
+
+    @property
+    def failed(self) -> bool:
+        return self.non_2xx > 0 or self.socket_errors > 0
+
+
+@dataclass(frozen=True)
+class Summary:
+    target: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    ratio_to_bare: float
+    non_2xx: int
+    socket_errors: int
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    # The port is released before the server binds it; another process could take it in between,
+    # but on a benchmark machine that is unlikely, and the server would then fail to start, loudly.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(command: list[str], log_path: Path, port: int) -> subprocess.Popen[bytes]:
+    """Start a server, its output to ``log_path``, and return once it accepts connections on ``port``."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[:4]} exited with {process.returncode}:\n{log_path.read_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return process
+        time.sleep(0.1)
+    stop_process(process)
+    raise RuntimeError(f"{command[:4]} did not listen on port {port} within {STARTUP_TIMEOUT_S:.0f} s")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the node's orderly stop), then SIGKILL if it does not end in time."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def running(command: list[str], log_path: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    process = start_server(command, log_path, port)
+    try:
+        yield process
+    finally:
+        stop_process(process)
+
+
+def poweremail_command(*args: str) -> list[str]:
+    # `python -m poweremail` rather than the `poweremail` script on PATH: the same interpreter as the
+    # bare endpoint, whichever environment runs the benchmark.
+    return [sys.executable, "-m", "poweremail", *args]
+
+
+def create_owner(data_dir: Path, name: str) -> Owner:
+    out = subprocess.run(
+        poweremail_command("owner", "create", "--data-dir", str(data_dir), "--name", name),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    created = json.loads(out)
+    return Owner(owner_id=created["owner_id"], token=created["token"])
+
+
+# --- fixtures through the API -----------------------------------------------------------------
+
+
+async def add_smtp_users(base_url: str, owner: Owner, count: int, concurrency: int = 16) -> None:
+    """Create ``count`` SMTP users for ``owner``, ``concurrency`` calls at a time."""
+    body = {**owner.credentials(), "total_limit": 1000, "hourly_limit": 100}
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def add_one(client: httpx.AsyncClient) -> None:
+        async with semaphore:
+            response = await client.post("/settings/addSmtp", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"addSmtp answered {response.status_code}: {response.text}")
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        await asyncio.gather(*(add_one(client) for _ in range(count)))
+
+
+def check_target(target: Target, expected: dict[str, Any]) -> None:
+    """One request before the load: a target that answers wrongly would make its figures meaningless."""
+    response = httpx.post(target.url, content=target.body, headers={"Content-Type": "application/json"}, timeout=30)
+    if response.status_code != 200:
+        raise RuntimeError(f"{target.name}: HTTP {response.status_code}: {response.text[:300]}")
+    answer = response.json()
+    wrong = {key: answer.get(key) for key, value in expected.items() if answer.get(key) != value}
+    if wrong:
+        raise RuntimeError(f"{target.name}: expected {expected}, got {wrong}")
+
+
+# --- load -------------------------------------------------------------------------------------
+
+
+def run_wrk(target: Target, *, run: int, duration: int, connections: int, threads: int) -> WrkResult:
+    # A generous --timeout: wrk's 2 s default would count slow listSmtp(1000) answers as errors
+    # rather than as the latencies they are.
+    command = [
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "30s", "--latency",
+        "-s", str(LUA_SCRIPT), target.url, "--", target.body,
+    ]  # fmt: skip
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    line = next((line for line in output.splitlines() if line.startswith("BENCH_RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no BENCH_RESULT line for {target.name}:\n{output}")
+    raw = json.loads(line.removeprefix("BENCH_RESULT "))
+    return WrkResult(
+        target=target.name,
+        run=run,
+        rps=raw["requests"] / (raw["duration_us"] / 1e6),
+        p50_ms=raw["p50_us"] / 1000,
+        p99_ms=raw["p99_us"] / 1000,
+        requests=raw["requests"],
+        non_2xx=raw["non_2xx_3xx"],
+        socket_errors=raw["connect_errors"] + raw["read_errors"] + raw["write_errors"] + raw["timeouts"],
+    )
+
+
+def measure(
+    bare: Target, targets: list[Target], *, runs: int, duration: int, connections: int, threads: int
+) -> list[WrkResult]:
+    for target in [bare, *targets]:  # warm pools, SQLite's page cache and CPU frequency; not counted
+        run_wrk(target, run=0, duration=WARMUP_S, connections=connections, threads=threads)
+    results: list[WrkResult] = []
+    for run in range(1, runs + 1):
+        for target in targets:
+            for measured in (bare, target):
+                result = run_wrk(measured, run=run, duration=duration, connections=connections, threads=threads)
+                print(
+                    f"  run {run}/{runs}  {result.target:<20} {result.rps:9.1f} req/s  p50 {result.p50_ms:8.2f} ms"
+                    f"  p99 {result.p99_ms:8.2f} ms{'  FAILED REQUESTS' if result.failed else ''}",
+                    flush=True,
+                )
+                results.append(result)
+    return results
+
+
+def summarize(results: list[WrkResult], order: list[str]) -> list[Summary]:
+    """Medians over the runs; the ratio is of the median requests/s to the bare endpoint's median."""
+    by_target = {name: [r for r in results if r.target == name] for name in order}
+    bare_rps = statistics.median(r.rps for r in by_target[BARE])
+    summaries = []
+    for name, rows in by_target.items():
+        rps = statistics.median(r.rps for r in rows)
+        summaries.append(
+            Summary(
+                target=name,
+                rps=rps,
+                p50_ms=statistics.median(r.p50_ms for r in rows),
+                p99_ms=statistics.median(r.p99_ms for r in rows),
+                ratio_to_bare=rps / bare_rps,
+                non_2xx=sum(r.non_2xx for r in rows),
+                socket_errors=sum(r.socket_errors for r in rows),
+            )
+        )
+    return summaries
+
+
+def server_errors(log_path: Path) -> list[str]:
+    """Lines where the server logged an error or a traceback: any of them spoils the figures."""
+    return [line for line in log_path.read_text(errors="replace").splitlines() if " ERROR " in line or "Traceback" in line]
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def versions() -> str:
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()
+    packages = ", ".join(
+        f"{name} {importlib.metadata.version(name)}" for name in ("fastapi", "starlette", "uvicorn", "sqlalchemy")
+    )
+    return f"{packages}; {wrk[0].split(' [')[0] if wrk else 'wrk'}"
+
+
+def table(summaries: list[Summary]) -> str:
+    lines = [
+        "| target | requests/s | p50 (ms) | p99 (ms) | vs bare (requests/s) | failed requests |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in summaries:
+        failed = s.non_2xx + s.socket_errors
+        lines.append(
+            f"| {s.target} | {s.rps:,.0f} | {s.p50_ms:.2f} | {s.p99_ms:.2f} | {s.ratio_to_bare:.2f}x"
+            f" | {failed if failed == 0 else f'**{failed}** ({s.non_2xx} non-2xx, {s.socket_errors} socket)'} |"
+        )
+    return "\n".join(lines)
+
+
+def runs_table(results: list[WrkResult]) -> str:
+    lines = ["| run | target | requests/s | p50 (ms) | p99 (ms) |", "| ---: | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r.run} | {r.target} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} |" for r in results]
+    return "\n".join(lines)
+
+
+def verdict(summaries: list[Summary]) -> str:
+    goal = next(s for s in summaries if s.target == GOAL_TARGET)
+    met = "**met**" if goal.ratio_to_bare >= TARGET_RATIO else "**not met**"
+    return (
+        f"Target (listSmtp for 10 users at >= {TARGET_RATIO}x the bare endpoint's requests/s): {met}, "
+        f"at {goal.ratio_to_bare:.2f}x ({goal.rps:,.0f} vs {goal.rps / goal.ratio_to_bare:,.0f} requests/s)."
+    )
+
+
+def render_report(
+    args: argparse.Namespace, summaries: list[Summary], results: list[WrkResult], problems: list[str]
+) -> str:
+    problems_text = "\n".join(f"- {p}" for p in problems) if problems else "None: every request answered 2xx/3xx."
+    return f"""# API benchmark
+
+Made by `python bench/api.py` (see its docstring); rerun it to refresh this file.
+
+- Date: {datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+- Machine: `nproc` = {len(os.sched_getaffinity(0))}, {cpu_model()}
+- Python: {platform.python_version()} ({platform.python_implementation()}), {versions()}
+- Parameters: {args.runs} runs x {args.duration} s per target, {args.connections} connections, \
+{args.threads} wrk thread(s), {WARMUP_S} s warm-up per target first (not counted)
+- Servers: `poweremail serve --roles api` with the default SQLite store in a temporary directory
+  (WAL, synchronous=FULL), and `bench/bare_api.py`, the same uvicorn settings (httptools, standard
+  asyncio loop, no access log, lifespan off) with one route that parses the JSON body and answers a
+  constant. Both are one process on one event loop; wrk runs on the same machine.
+- Bodies: listSmtp and the bare endpoint get `{{"owner_id", "token"}}`; addSmtp also gets the
+  largest limits, and creates one SMTP user per request for an owner of its own (its user count
+  grows during the benchmark; the listSmtp owners keep exactly 10 and 1,000 users).
+
+Medians over the runs; "vs bare" is the median requests/s over the bare endpoint's median.
+
+{table(summaries)}
+
+{verdict(summaries)}
+
+## Failures
+
+{problems_text}
+
+## Every measurement
+
+Within each run the targets alternate with the bare endpoint, in this order.
+
+{runs_table(results)}
+"""
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs; each measures every target once (default 3)")
+    parser.add_argument("--duration", type=int, default=8, help="seconds of load per measurement (default 8)")
+    parser.add_argument("--connections", type=int, default=16, help="concurrent connections (default 16)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: the other core serves)")
+    parser.add_argument("--report", type=Path, default=REPORT_PATH, help=f"markdown output (default {REPORT_PATH})")
+    args = parser.parse_args()
+    if min(args.runs, args.duration, args.connections, args.threads) < 1:
+        parser.error("--runs, --duration, --connections and --threads must be at least 1")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    if shutil.which("wrk") is None:
+        print("bench/api.py: wrk is not installed; install it with: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="poweremail-bench-") as tmp:
+        work = Path(tmp)
+        data_dir = work / "data"
+        owners = {name: create_owner(data_dir, name) for name in ("ten", "thousand", "writer")}
+        api_port, bare_port = free_port(), free_port()
+        api_log, bare_log = work / "poweremail.log", work / "bare.log"
+        serve = poweremail_command("serve", "--data-dir", str(data_dir), "--api-port", str(api_port), "--roles", "api")
+        bare_cmd = [sys.executable, str(BENCH_DIR / "bare_api.py"), "--port", str(bare_port)]
+        # Both servers stop in the finally clauses of `running`, on success, error or Ctrl-C alike.
+        with running(serve, api_log, api_port), running(bare_cmd, bare_log, bare_port):
+            api = f"http://127.0.0.1:{api_port}"
+            print("creating 10 + 1,000 SMTP users through the API ...", flush=True)
+            asyncio.run(add_smtp_users(api, owners["ten"], 10))
+            asyncio.run(add_smtp_users(api, owners["thousand"], 1000))
+
+            def listing(owner: Owner) -> str:
+                return json.dumps(owner.credentials())
+
+            adding = json.dumps({**owners["writer"].credentials(), "total_limit": MAX_LIMIT, "hourly_limit": MAX_LIMIT})
+            bare = Target(BARE, f"http://127.0.0.1:{bare_port}/bare", listing(owners["ten"]))
+            targets = [
+                Target(GOAL_TARGET, f"{api}/settings/listSmtp", listing(owners["ten"])),
+                Target("listSmtp, 1,000 users", f"{api}/settings/listSmtp", listing(owners["thousand"])),
+                Target("addSmtp", f"{api}/settings/addSmtp", adding),
+            ]
+            check_target(bare, {"status": "success"})
+            check_target(targets[0], {"status": "success", "message": "10 SMTP users"})
+            check_target(targets[1], {"status": "success", "message": "1000 SMTP users"})
+            check_target(targets[2], {"status": "success", "message": "SMTP User Created"})
+
+            print(f"measuring: {args.runs} runs x {args.duration} s, {args.connections} connections", flush=True)
+            results = measure(
+                bare, targets, runs=args.runs, duration=args.duration, connections=args.connections,
+                threads=args.threads,
+            )  # fmt: skip
+        problems = [
+            f"{r.target}, run {r.run}: {r.non_2xx} non-2xx answers, {r.socket_errors} socket errors or timeouts"
+            for r in results
+            if r.failed
+        ]
+        problems += [f"poweremail logged: {line}" for line in server_errors(api_log)[:20]]
+        problems += [f"bare endpoint logged: {line}" for line in server_errors(bare_log)[:20]]
+
+    summaries = summarize(results, [BARE, *(t.name for t in targets)])
+    report = render_report(args, summaries, results, problems)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(report)
+    print()
+    print(table(summaries))
+    print()
+    print(verdict(summaries))
+    for problem in problems:
+        print(f"FAILURE: {problem}")
+    print(f"\nwritten to {args.report}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

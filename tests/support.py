@@ -1,0 +1,172 @@
+"""Helpers the tests share: real server processes, fresh databases, owners."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import httpx
+from sqlalchemy import make_url
+
+from poweremail.store import owners
+from poweremail.store.database import Database
+
+T = TypeVar("T")
+DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a child ``poweremail``, without the developer's POWEREMAIL_* settings."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("POWEREMAIL_")}
+    env.update(extra)
+    return env
+
+
+def poweremail(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "poweremail", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else clean_env(),
+        check=False,
+    )
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+
+def postgres_server_url() -> str:
+    return os.environ.get("POWEREMAIL_TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def create_postgres_database() -> str:
+    """A new, empty database on the test server; returns its URL. Raises OSError if unreachable."""
+    server = make_url(postgres_server_url())
+    name = f"poweremail_test_{secrets.token_hex(6)}"
+    conn = await asyncpg.connect(_asyncpg_dsn(postgres_server_url()), timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return server.set(database=name).render_as_string(hide_password=False)
+
+
+async def drop_postgres_database(url: str) -> None:
+    name = make_url(url).database
+    conn = await asyncpg.connect(_asyncpg_dsn(postgres_server_url()), timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+# --- servers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    data_dir: Path
+    database_url: str
+    api_port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start(self, timeout: float = 30) -> ServerProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "poweremail", "serve",
+                "--data-dir", str(self.data_dir),
+                "--database-url", self.database_url,
+                "--api-port", str(self.api_port),
+                "--roles", "api",
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=clean_env(),
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"poweremail serve exited early:\n{self.log_path.read_text()}")
+            try:
+                httpx.get(f"{self.base_url}/openapi.json", timeout=1).raise_for_status()
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"poweremail serve did not answer within {timeout}s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def post(self, call: str, body: Any = None, **kwargs: Any) -> httpx.Response:
+        if body is not None:
+            kwargs["json"] = body
+        return httpx.post(f"{self.base_url}/settings/{call}", timeout=30, **kwargs)
+
+
+# --- owners -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Owner:
+    owner_id: str
+    token: str
+
+    def creds(self, **params: Any) -> dict[str, Any]:
+        return {"owner_id": self.owner_id, "token": self.token, **params}
+
+
+async def _create_owner(database_url: str) -> Owner:
+    database = Database(database_url)
+    try:
+        async with database.write() as conn:
+            owner = await owners.create_owner(conn, name="test")
+    finally:
+        await database.close()
+    return Owner(owner.owner_id, owner.token)
+
+
+def create_owner(database_url: str) -> Owner:
+    return run(_create_owner(database_url))

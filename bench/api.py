@@ -364,8 +364,15 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # SystemExit unwinds through the same finally clauses as Ctrl-C, so a `kill` or a CI timeout
+    # also stops the servers and removes the temporary directory.
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     args = parse_args()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if shutil.which("wrk") is None:
         print("bench/api.py: wrk is not installed; install it with: apt-get install -y wrk", file=sys.stderr)
         return 2

@@ -42,7 +42,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def poweremail(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def poweremail(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "poweremail", *args],
         capture_output=True,

@@ -11,10 +11,11 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 import pydantic
+import pydantic_settings
 
 from poweremail import __version__
 from poweremail.config import Settings, load_settings
@@ -30,20 +31,27 @@ EXIT_USAGE = 2
 ROTATION_SETTLE_SECONDS = 1.0
 
 
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+
+
 class CommandError(Exception):
     """A failure to report in one line."""
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line."""
+
     def error(self, message: str) -> NoReturn:  # one line, not usage + message
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
 
 
-def _common_flags() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _common_flags() -> _Parser:
+    common = _Parser(add_help=False)
     common.add_argument("--data-dir", help="where the SQLite store and generated keys live (default ./data)")
     common.add_argument("--database-url", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
-    common.add_argument("--secret-key-file", help="keyring that encrypts SMTP passwords (default DATA_DIR/secret.key)")
+    common.add_argument(
+        "--secret-key-file", help="keyring that encrypts SMTP passwords (default DATA_DIR/secret.key)"
+    )
     common.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return common
 
@@ -78,10 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     owner = commands.add_parser("owner", help="manage owners (the API's owner_id + token)")
     owner_commands = owner.add_subparsers(dest="owner_command", required=True, parser_class=_Parser)
-    create = owner_commands.add_parser("create", parents=[common], help="create an owner; prints owner_id and token")
+    create = owner_commands.add_parser(
+        "create", parents=[common], help="create an owner; prints owner_id and token"
+    )
     create.add_argument("--name", help="a label for the owner")
     create.set_defaults(run=_owner_create)
-    rotate = owner_commands.add_parser("rotate-token", parents=[common], help="issue a new token; the old one stops working")
+    rotate = owner_commands.add_parser(
+        "rotate-token", parents=[common], help="issue a new token; the old one stops working"
+    )
     rotate.add_argument("owner_id")
     rotate.set_defaults(run=_owner_rotate_token)
     listing = owner_commands.add_parser("list", parents=[common], help="list owners (never their tokens)")
@@ -89,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="manage the key that encrypts SMTP passwords")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
-    keys_rotate = keys_commands.add_parser("rotate", parents=[common], help="re-encrypt every password under a new key")
+    keys_rotate = keys_commands.add_parser(
+        "rotate", parents=[common], help="re-encrypt every password under a new key"
+    )
     keys_rotate.set_defaults(run=_keys_rotate)
     return parser
 
@@ -103,6 +117,8 @@ _SETTINGS_FLAGS = (
 def _settings_from(args: argparse.Namespace) -> Settings:
     try:
         return load_settings(**{name: getattr(args, name, None) for name in _SETTINGS_FLAGS})
+    except pydantic_settings.SettingsError as exc:
+        raise CommandError(f"bad settings: {exc}") from None
     except pydantic.ValidationError as exc:
         error = exc.errors()[0]
         name = str(error["loc"][0]) if error["loc"] else "settings"
@@ -113,7 +129,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 # --- commands ---------------------------------------------------------------------------------
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     from poweremail.node import run_node  # the web stack loads only for serve
 
     await run_node(settings)
@@ -128,17 +144,19 @@ async def _with_services(settings: Settings, work: Callable[[Services], Awaitabl
         await services.close()
 
 
-async def _owner_create(settings: Settings, *, name: str | None = None) -> int:
+async def _owner_create(settings: Settings, args: argparse.Namespace) -> int:
     async def work(services: Services) -> int:
         async with services.database.write() as conn:
-            owner = await owners.create_owner(conn, name=name)
+            owner = await owners.create_owner(conn, name=args.name)
         print(json.dumps({"owner_id": owner.owner_id, "token": owner.token}))
         return 0
 
     return await _with_services(settings, work)
 
 
-async def _owner_rotate_token(settings: Settings, *, owner_id: str) -> int:
+async def _owner_rotate_token(settings: Settings, args: argparse.Namespace) -> int:
+    owner_id: str = args.owner_id
+
     async def work(services: Services) -> int:
         async with services.database.write() as conn:
             token = await owners.rotate_owner_token(conn, owner_id=owner_id)
@@ -150,7 +168,7 @@ async def _owner_rotate_token(settings: Settings, *, owner_id: str) -> int:
     return await _with_services(settings, work)
 
 
-async def _owner_list(settings: Settings) -> int:
+async def _owner_list(settings: Settings, _args: argparse.Namespace) -> int:
     async def work(services: Services) -> int:
         async with services.database.read() as conn:
             listing = await owners.list_owners(conn)
@@ -171,7 +189,7 @@ async def _owner_list(settings: Settings) -> int:
     return await _with_services(settings, work)
 
 
-async def _keys_rotate(settings: Settings) -> int:
+async def _keys_rotate(settings: Settings, _args: argparse.Namespace) -> int:
     """Add a new primary key, move every password onto it, retire the old keys, sweep once more.
 
     Each step is safe to interrupt: until the file drops the old keys, every row names a key the
@@ -196,21 +214,15 @@ async def _keys_rotate(settings: Settings) -> int:
         every_key = services.keyring.retire_all_but_primary()
         await asyncio.sleep(ROTATION_SETTLE_SECONDS)
         moved += await move_all(every_key, services.database)
-        print(json.dumps({"primary_key_id": new_id, "passwords_reencrypted": moved, "retired_key_ids": old_ids}))
+        print(
+            json.dumps({"primary_key_id": new_id, "passwords_reencrypted": moved, "retired_key_ids": old_ids})
+        )
         return 0
 
     return await _with_services(settings, work)
 
 
 # --- entry point ------------------------------------------------------------------------------
-
-
-def _command_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    if args.command == "owner" and args.owner_command == "create":
-        return {"name": args.name}
-    if args.command == "owner" and args.owner_command == "rotate-token":
-        return {"owner_id": args.owner_id}
-    return {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if settings.log_level != "DEBUG":  # one line per migration step is noise in `owner create`
             logging.getLogger("alembic").setLevel(logging.WARNING)
-        return asyncio.run(args.run(settings, **_command_kwargs(args)))
+        command: Command = args.run
+        return asyncio.run(command(settings, args))
     except (
         CommandError,
         DataDirError,

@@ -7,10 +7,10 @@ own. SPEC §6 lists the flags; each one is also an environment variable of the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Role = Literal["api", "smtp", "delivery"]
 ALL_ROLES: tuple[Role, ...] = ("api", "smtp", "delivery")
@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     relay: str | None = None
 
-    roles: tuple[Role, ...] = ALL_ROLES
+    # NoDecode: the environment gives "api,smtp", not JSON; _split_roles reads it.
+    roles: Annotated[tuple[Role, ...], NoDecode] = ALL_ROLES
 
     @field_validator("roles", mode="before")
     @classmethod

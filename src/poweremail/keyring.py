@@ -84,7 +84,9 @@ class Keyring:
         document = {
             "format": FORMAT,
             "primary": self.primary,
-            "keys": {str(key_id): base64.b64encode(key).decode() for key_id, key in sorted(self.keys.items())},
+            "keys": {
+                str(key_id): base64.b64encode(key).decode() for key_id, key in sorted(self.keys.items())
+            },
         }
         data = (json.dumps(document, indent=2) + "\n").encode()
         tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
@@ -166,7 +168,9 @@ def _parse(raw: bytes, path: Path) -> tuple[int, dict[int, bytes]]:
         document = json.loads(raw)
         if document.get("format") != FORMAT:
             raise ValueError(f"format is not {FORMAT!r}")
-        keys = {int(key_id): base64.b64decode(value, validate=True) for key_id, value in document["keys"].items()}
+        keys = {
+            int(key_id): base64.b64decode(value, validate=True) for key_id, value in document["keys"].items()
+        }
         primary = int(document["primary"])
         if primary not in keys:
             raise ValueError("the primary key id is not among the keys")

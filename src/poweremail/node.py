@@ -31,7 +31,9 @@ class _ApiServer(uvicorn.Server):
 
 
 async def run_node(settings: Settings) -> None:
-    api_socket = bind_tcp(settings.api_host, settings.api_port, purpose="the API") if "api" in settings.roles else None
+    api_socket = (
+        bind_tcp(settings.api_host, settings.api_port, purpose="the API") if "api" in settings.roles else None
+    )
     services = await open_services(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -54,7 +56,11 @@ async def run_node(settings: Settings) -> None:
             )
             roles.append(asyncio.create_task(api_server.serve(sockets=[api_socket]), name="api"))
             logger.info("API listening on http://%s (docs at /docs)", describe(api_socket))
-        logger.info("PowerEmail node running roles %s; database %s", ",".join(settings.roles), services.database.dialect)
+        logger.info(
+            "PowerEmail node running roles %s; database %s",
+            ",".join(settings.roles),
+            services.database.dialect,
+        )
         stop_waiter = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([stop_waiter, *roles], return_when=asyncio.FIRST_COMPLETED)
         for task in done:

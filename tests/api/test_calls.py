@@ -81,7 +81,9 @@ def test_edit_smtp_changes_only_what_is_given(server: ServerProcess, owner: Owne
     [entry] = _list(server, owner)
     assert (entry["total_limit"], entry["hourly_limit"], entry["status"]) == (80, 10, "Enable")
 
-    server.post("editSmtp", owner.creds(smtp_user_name=name, total_limit=80, hourly_limit=15, status="dISABLE"))
+    server.post(
+        "editSmtp", owner.creds(smtp_user_name=name, total_limit=80, hourly_limit=15, status="dISABLE")
+    )
     [entry] = _list(server, owner)
     assert (entry["total_limit"], entry["hourly_limit"], entry["status"]) == (80, 15, "Disable")
 
@@ -135,8 +137,12 @@ def test_form_encoded_bodies_work_for_every_call(server: ServerProcess, owner: O
     assert server.post("deleteSmtp", data=owner.creds(smtp_user_name=name)).status_code == 200
 
 
-def test_json_sent_with_curls_default_form_content_type_is_read_as_json(server: ServerProcess, owner: Owner) -> None:
-    body = '{"owner_id": "%s", "token": "%s", "total_limit": 5, "hourly_limit": 5,}' % (owner.owner_id, owner.token)
+def test_json_sent_with_curls_default_form_content_type_is_read_as_json(
+    server: ServerProcess, owner: Owner
+) -> None:
+    body = (
+        f'{{"owner_id": "{owner.owner_id}", "token": "{owner.token}", "total_limit": 5, "hourly_limit": 5,}}'
+    )
     response = httpx.post(
         f"{server.base_url}/settings/addSmtp",
         content=body,
@@ -153,13 +159,17 @@ def test_wrong_token_and_unknown_owner_are_the_same_authentication_error(
     server: ServerProcess, owner: Owner, call: str
 ) -> None:
     params = _params_for(call, owner, "smtp1234567890")
-    wrong_token = _error(server.post(call, {**params, "token": owner.token + "x"}), "AuthenticationError", 401)
+    wrong_token = _error(
+        server.post(call, {**params, "token": owner.token + "x"}), "AuthenticationError", 401
+    )
     unknown = _error(server.post(call, {**params, "owner_id": "nobody"}), "AuthenticationError", 401)
     assert wrong_token == unknown == "Token MissMatch"
 
 
 @pytest.mark.parametrize(("call", "missing"), [(c, p) for c, ps in CALL_REQUIRED.items() for p in ps])
-def test_each_missing_parameter_is_named(server: ServerProcess, owner: Owner, call: str, missing: str) -> None:
+def test_each_missing_parameter_is_named(
+    server: ServerProcess, owner: Owner, call: str, missing: str
+) -> None:
     params = _params_for(call, owner, "smtp1234567890")
     del params[missing]
     message = _error(server.post(call, params), "ValidationError", 400)
@@ -240,7 +250,9 @@ def test_parameters_a_call_does_not_document_cannot_be_set(server: ServerProcess
 def test_bodies_that_do_not_parse_say_where(
     server: ServerProcess, body: bytes, content_type: str, expected: str
 ) -> None:
-    response = httpx.post(f"{server.base_url}/settings/addSmtp", content=body, headers={"Content-Type": content_type})
+    response = httpx.post(
+        f"{server.base_url}/settings/addSmtp", content=body, headers={"Content-Type": content_type}
+    )
     assert expected in _error(response, "ValidationError", 400)
 
 
@@ -253,5 +265,7 @@ def test_checking_order_parse_then_parameters_then_owner(server: ServerProcess, 
 
 
 def test_unknown_calls_and_methods_answer_in_the_error_shape(server: ServerProcess) -> None:
-    assert "no call" in _error(httpx.post(f"{server.base_url}/settings/nope", json={}), "ValidationError", 404)
+    assert "no call" in _error(
+        httpx.post(f"{server.base_url}/settings/nope", json={}), "ValidationError", 404
+    )
     assert "POST" in _error(httpx.get(f"{server.base_url}/settings/listSmtp"), "ValidationError", 405)

@@ -24,7 +24,9 @@ async def _install_document_owner(server: ServerProcess) -> None:
             owner_pk = (
                 await conn.execute(
                     owners.insert()
-                    .values(owner_id="example id", token_sha256=hash_owner_token("example token"), created_at=now)
+                    .values(
+                        owner_id="example id", token_sha256=hash_owner_token("example token"), created_at=now
+                    )
                     .returning(owners.c.id)
                 )
             ).scalar_one()

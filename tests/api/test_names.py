@@ -17,7 +17,9 @@ async def _add_concurrently(server: ServerProcess, owners: list[Owner], count: i
     async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
         return await asyncio.gather(
             *(
-                client.post("/settings/addSmtp", json=owners[i % len(owners)].creds(total_limit=5, hourly_limit=5))
+                client.post(
+                    "/settings/addSmtp", json=owners[i % len(owners)].creds(total_limit=5, hourly_limit=5)
+                )
                 for i in range(count)
             )
         )

@@ -25,7 +25,8 @@ def test_no_password_or_token_is_stored_in_plain_bytes(server: ServerProcess, ow
     if server.database_url.startswith("postgresql"):
         pytest.skip("PostgreSQL keeps its files elsewhere; the column check below covers it")
     passwords = [
-        server.post("addSmtp", owner.creds(total_limit=5, hourly_limit=5)).json()["smtp_password"] for _ in range(3)
+        server.post("addSmtp", owner.creds(total_limit=5, hourly_limit=5)).json()["smtp_password"]
+        for _ in range(3)
     ]
     stored = _all_bytes_under(server.data_dir)  # the database, its WAL, the key file
     assert passwords and owner.token
@@ -41,7 +42,9 @@ def test_stored_columns_hold_no_plaintext(server: ServerProcess, owner: Owner) -
         database = Database(server.database_url)
         try:
             async with database.read() as conn:
-                rows = await conn.execute(sa.text("SELECT * FROM smtp_users UNION ALL SELECT * FROM smtp_users"))
+                rows = await conn.execute(
+                    sa.text("SELECT * FROM smtp_users UNION ALL SELECT * FROM smtp_users")
+                )
                 owners_rows = await conn.execute(sa.text("SELECT * FROM owners"))
                 return [repr(tuple(r)).encode() for r in [*rows, *owners_rows]]
         finally:
@@ -92,7 +95,9 @@ def test_keyring_binds_ciphertexts_to_the_user_name(tmp_path: Path) -> None:
     assert "key_ids=[1]" in repr(keyring) and "keys=" not in repr(keyring)
 
 
-@pytest.mark.parametrize("content", [b"", b"not json", b'{"format": "x"}', b'{"format": "poweremail-keyring-1"}'])
+@pytest.mark.parametrize(
+    "content", [b"", b"not json", b'{"format": "x"}', b'{"format": "poweremail-keyring-1"}']
+)
 def test_a_broken_key_file_is_one_clear_error(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "secret.key").write_bytes(content)
     with pytest.raises(KeyringError, match="is not a valid PowerEmail keyring"):
@@ -108,7 +113,10 @@ def test_keys_rotate_keeps_every_password_readable(database_url: str, tmp_path: 
     assert created.returncode == 0, created.stderr
     creds = json.loads(created.stdout)
     server = ServerProcess(
-        data_dir=tmp_path / "data", database_url=database_url, api_port=free_port(), log_path=tmp_path / "serve.log"
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        api_port=free_port(),
+        log_path=tmp_path / "serve.log",
     ).start()
     try:
         owner = Owner(creds["owner_id"], creds["token"])

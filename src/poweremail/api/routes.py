@@ -48,7 +48,12 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def settings_call(
-    name: str, request_model: type[P], response_model: type[BaseModel], *, summary: str, example: dict[str, Any]
+    name: str,
+    request_model: type[P],
+    response_model: type[BaseModel],
+    *,
+    summary: str,
+    example: dict[str, Any],
 ) -> Callable[[CallBody[P]], CallBody[P]]:
     schema = request_model.model_json_schema()
     openapi_extra = {
@@ -135,7 +140,13 @@ async def add_smtp(params: AddSmtpRequest, services: Services) -> dict[str, Any]
     EditSmtpRequest,
     MessageOnlyResponse,
     summary="Edit SMTP User",
-    example={**_CREDENTIALS, "smtp_user_name": "smtp12345", "total_limit": 80, "hourly_limit": 15, "status": "Disable"},
+    example={
+        **_CREDENTIALS,
+        "smtp_user_name": "smtp12345",
+        "total_limit": 80,
+        "hourly_limit": 15,
+        "status": "Disable",
+    },
 )
 async def edit_smtp(params: EditSmtpRequest, services: Services) -> dict[str, Any]:
     """Sets the total limit, and the hourly limit and status when given. Lowering a limit below what

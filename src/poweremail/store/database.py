@@ -111,19 +111,18 @@ class Database:
         try:
             async with self.write() as conn:
                 if self.dialect == "postgresql":
-                    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+                    await conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+                    )
                 await conn.run_sync(_upgrade_to_head)
         except (SQLAlchemyError, OSError, asyncpg.PostgresError) as exc:
             # asyncpg raises OSError (refused, unknown host) or its own errors (no such database,
             # authentication) before SQLAlchemy can wrap them.
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            reason = lines[0] if lines else type(exc).__name__
             raise DatabaseUnavailableError(
-                f"cannot open the database {display_url(self.url)}: {reason[0] if reason else type(exc).__name__}"
+                f"cannot open the database {display_url(self.url)}: {reason}"
             ) from exc
-
-    async def check_connection(self) -> None:
-        async with self.read() as conn:
-            await conn.execute(text("SELECT 1"))
 
     async def close(self) -> None:
         await self.engine.dispose()

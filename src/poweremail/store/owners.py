@@ -54,7 +54,9 @@ async def authenticate_owner(conn: AsyncConnection, *, owner_id: str, token: str
     """
     row = (
         await conn.execute(
-            sa.select(owners.c.id, owners.c.token_sha256, owners.c.is_active).where(owners.c.owner_id == owner_id)
+            sa.select(owners.c.id, owners.c.token_sha256, owners.c.is_active).where(
+                owners.c.owner_id == owner_id
+            )
         )
     ).first()
     if row is None:
@@ -83,9 +85,9 @@ async def list_owners(conn: AsyncConnection) -> list[OwnerSummary]:
         .scalar_subquery()
     )
     rows = await conn.execute(
-        sa.select(owners.c.owner_id, owners.c.name, owners.c.is_active, owners.c.created_at, live_users).order_by(
-            owners.c.id
-        )
+        sa.select(
+            owners.c.owner_id, owners.c.name, owners.c.is_active, owners.c.created_at, live_users
+        ).order_by(owners.c.id)
     )
     return [
         OwnerSummary(

@@ -99,7 +99,9 @@ async def update_smtp_user(
     await conn.execute(smtp_users.update().where(smtp_users.c.id == smtp_user_id).values(**values))
 
 
-async def reset_smtp_password(conn: AsyncConnection, *, smtp_user_id: int, name: str, keyring: Keyring) -> str:
+async def reset_smtp_password(
+    conn: AsyncConnection, *, smtp_user_id: int, name: str, keyring: Keyring
+) -> str:
     password = new_smtp_password()
     key_id, ciphertext = keyring.encrypt_password(password, smtp_user_name=name)
     await conn.execute(
@@ -161,7 +163,12 @@ async def reencrypt_passwords(conn: AsyncConnection, *, keyring: Keyring, batch:
     """Move up to ``batch`` passwords not under the primary key onto it; return how many moved."""
     rows = (
         await conn.execute(
-            sa.select(smtp_users.c.id, smtp_users.c.name, smtp_users.c.password_key_id, smtp_users.c.password_ciphertext)
+            sa.select(
+                smtp_users.c.id,
+                smtp_users.c.name,
+                smtp_users.c.password_key_id,
+                smtp_users.c.password_ciphertext,
+            )
             .where(
                 smtp_users.c.password_ciphertext.is_not(None),
                 smtp_users.c.password_key_id != keyring.primary,
@@ -170,7 +177,9 @@ async def reencrypt_passwords(conn: AsyncConnection, *, keyring: Keyring, batch:
         )
     ).all()
     for row in rows:
-        password = keyring.decrypt_password(row.password_key_id, row.password_ciphertext, smtp_user_name=row.name)
+        password = keyring.decrypt_password(
+            row.password_key_id, row.password_ciphertext, smtp_user_name=row.name
+        )
         key_id, ciphertext = keyring.encrypt_password(password, smtp_user_name=row.name)
         await conn.execute(
             smtp_users.update()

@@ -1,0 +1,56 @@
+"""No owner token or SMTP password appears in any log line, at any level (issue 2 "Secrets")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from poweremail.store.database import Database
+from poweremail.store.schema import smtp_users
+from tests.support import Owner, ServerProcess, create_owner, free_port, run
+
+
+def test_no_secret_reaches_the_log_at_debug_level(database_url: str, tmp_path: Path) -> None:
+    server = ServerProcess(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        api_port=free_port(),
+        log_path=tmp_path / "serve.log",
+        extra_args=("--log-level", "DEBUG"),
+    ).start()
+    secrets: list[str] = []
+    try:
+        owner: Owner = create_owner(database_url)
+        secrets.append(owner.token)
+        created = server.post("addSmtp", owner.creds(total_limit=5, hourly_limit=5)).json()
+        name = created["smtp_user_name"]
+        secrets.append(created["smtp_password"])
+        server.post("editSmtp", owner.creds(smtp_user_name=name, total_limit=9, status="Disable"))
+        secrets.append(
+            server.post("resetSmtpPassword", owner.creds(smtp_user_name=name)).json()["smtp_password"]
+        )
+        server.post("listSmtp", owner.creds())
+        # Failures log more: a wrong token, a bad parameter, an unexpected error, an unknown path.
+        server.post("listSmtp", {"owner_id": owner.owner_id, "token": owner.token + "-wrong"})
+        server.post("addSmtp", owner.creds(total_limit="bad", hourly_limit=owner.token))
+        server.post("listSmtp", data={"owner_id": owner.owner_id, "token": owner.token, "extra": owner.token})
+        server.post(f"nothing?token={owner.token}", {})
+        run(_corrupt_ciphertext(database_url, name))
+        assert server.post("listSmtp", owner.creds()).status_code == 500
+        server.post("deleteSmtp", owner.creds(smtp_user_name=name))
+    finally:
+        server.stop()
+    log = server.log()
+    assert " DEBUG " in log and "failed unexpectedly" in log  # the log really is verbose, errors included
+    for secret in secrets:
+        assert secret not in log
+
+
+async def _corrupt_ciphertext(database_url: str, name: str) -> None:
+    database = Database(database_url)
+    try:
+        async with database.write() as conn:
+            await conn.execute(
+                smtp_users.update().where(smtp_users.c.name == name).values(password_ciphertext=b"\0" * 40)
+            )
+    finally:
+        await database.close()

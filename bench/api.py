@@ -180,7 +180,9 @@ async def add_smtp_users(base_url: str, owner: Owner, count: int, concurrency: i
 
 def check_target(target: Target, expected: dict[str, Any]) -> None:
     """One request before the load: a target that answers wrongly would make its figures meaningless."""
-    response = httpx.post(target.url, content=target.body, headers={"Content-Type": "application/json"}, timeout=30)
+    response = httpx.post(
+        target.url, content=target.body, headers={"Content-Type": "application/json"}, timeout=30
+    )
     if response.status_code != 200:
         raise RuntimeError(f"{target.name}: HTTP {response.status_code}: {response.text[:300]}")
     answer = response.json()
@@ -216,6 +218,11 @@ def run_wrk(target: Target, *, run: int, duration: int, connections: int, thread
     )
 
 
+def progress_line(r: WrkResult) -> str:
+    failed = "  FAILED REQUESTS" if r.failed else ""
+    return f"{r.target:<22} {r.rps:8.1f} req/s  p50 {r.p50_ms:8.2f} ms  p99 {r.p99_ms:8.2f} ms{failed}"
+
+
 def measure(
     bare: Target, targets: list[Target], *, runs: int, duration: int, connections: int, threads: int
 ) -> list[WrkResult]:
@@ -225,12 +232,10 @@ def measure(
     for run in range(1, runs + 1):
         for target in targets:
             for measured in (bare, target):
-                result = run_wrk(measured, run=run, duration=duration, connections=connections, threads=threads)
-                print(
-                    f"  run {run}/{runs}  {result.target:<20} {result.rps:9.1f} req/s  p50 {result.p50_ms:8.2f} ms"
-                    f"  p99 {result.p99_ms:8.2f} ms{'  FAILED REQUESTS' if result.failed else ''}",
-                    flush=True,
+                result = run_wrk(
+                    measured, run=run, duration=duration, connections=connections, threads=threads
                 )
+                print(f"  run {run}/{runs}  {progress_line(result)}", flush=True)
                 results.append(result)
     return results
 
@@ -258,7 +263,11 @@ def summarize(results: list[WrkResult], order: list[str]) -> list[Summary]:
 
 def server_errors(log_path: Path) -> list[str]:
     """Lines where the server logged an error or a traceback: any of them spoils the figures."""
-    return [line for line in log_path.read_text(errors="replace").splitlines() if " ERROR " in line or "Traceback" in line]
+    return [
+        line
+        for line in log_path.read_text(errors="replace").splitlines()
+        if " ERROR " in line or "Traceback" in line
+    ]
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -275,7 +284,8 @@ def cpu_model() -> str:
 def versions() -> str:
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()
     packages = ", ".join(
-        f"{name} {importlib.metadata.version(name)}" for name in ("fastapi", "starlette", "uvicorn", "sqlalchemy")
+        f"{name} {importlib.metadata.version(name)}"
+        for name in ("fastapi", "starlette", "uvicorn", "sqlalchemy")
     )
     return f"{packages}; {wrk[0].split(' [')[0] if wrk else 'wrk'}"
 
@@ -287,10 +297,9 @@ def table(summaries: list[Summary]) -> str:
     ]
     for s in summaries:
         failed = s.non_2xx + s.socket_errors
-        lines.append(
-            f"| {s.target} | {s.rps:,.0f} | {s.p50_ms:.2f} | {s.p99_ms:.2f} | {s.ratio_to_bare:.2f}x"
-            f" | {failed if failed == 0 else f'**{failed}** ({s.non_2xx} non-2xx, {s.socket_errors} socket)'} |"
-        )
+        failures = f"**{failed}** ({s.non_2xx} non-2xx, {s.socket_errors} socket)" if failed else "0"
+        figures = f"{s.rps:,.0f} | {s.p50_ms:.2f} | {s.p99_ms:.2f} | {s.ratio_to_bare:.2f}x"
+        lines.append(f"| {s.target} | {figures} | {failures} |")
     return "\n".join(lines)
 
 
@@ -312,7 +321,9 @@ def verdict(summaries: list[Summary]) -> str:
 def render_report(
     args: argparse.Namespace, summaries: list[Summary], results: list[WrkResult], problems: list[str]
 ) -> str:
-    problems_text = "\n".join(f"- {p}" for p in problems) if problems else "None: every request answered 2xx/3xx."
+    problems_text = (
+        "\n".join(f"- {p}" for p in problems) if problems else "None: every request answered 2xx/3xx."
+    )
     return f"""# API benchmark
 
 Made by `python bench/api.py` (see its docstring); rerun it to refresh this file.
@@ -353,11 +364,17 @@ Within each run the targets alternate with the bare endpoint, in this order.
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="runs; each measures every target once (default 3)")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs; each measures every target once (default 3)"
+    )
     parser.add_argument("--duration", type=int, default=8, help="seconds of load per measurement (default 8)")
     parser.add_argument("--connections", type=int, default=16, help="concurrent connections (default 16)")
-    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: the other core serves)")
-    parser.add_argument("--report", type=Path, default=REPORT_PATH, help=f"markdown output (default {REPORT_PATH})")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="wrk threads (default 1: the other core serves)"
+    )
+    parser.add_argument(
+        "--report", type=Path, default=REPORT_PATH, help=f"markdown output (default {REPORT_PATH})"
+    )
     args = parser.parse_args()
     if min(args.runs, args.duration, args.connections, args.threads) < 1:
         parser.error("--runs, --duration, --connections and --threads must be at least 1")
@@ -370,6 +387,66 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def prepare_targets(api: str, bare_url: str, owners: dict[str, Owner]) -> tuple[Target, list[Target]]:
+    """Create the SMTP users, and check that every target answers as expected before any load."""
+    print("creating 10 + 1,000 SMTP users through the API ...", flush=True)
+    asyncio.run(add_smtp_users(api, owners["ten"], 10))
+    asyncio.run(add_smtp_users(api, owners["thousand"], 1000))
+    ten, thousand = json.dumps(owners["ten"].credentials()), json.dumps(owners["thousand"].credentials())
+    adding = {**owners["writer"].credentials(), "total_limit": MAX_LIMIT, "hourly_limit": MAX_LIMIT}
+    # The bare endpoint gets the listSmtp body, so both sides read and parse the same bytes.
+    bare = Target(BARE, bare_url, ten)
+    targets = [
+        Target(GOAL_TARGET, f"{api}/settings/listSmtp", ten),
+        Target("listSmtp, 1,000 users", f"{api}/settings/listSmtp", thousand),
+        Target("addSmtp", f"{api}/settings/addSmtp", json.dumps(adding)),
+    ]
+    expected_messages = ["10 SMTP users", "1000 SMTP users", "SMTP User Created"]
+    check_target(bare, {"status": "success"})
+    for target, message in zip(targets, expected_messages, strict=True):
+        check_target(target, {"status": "success", "message": message})
+    return bare, targets
+
+
+def find_problems(results: list[WrkResult], logs: dict[str, Path]) -> list[str]:
+    problems = [
+        f"{r.target}, run {r.run}: {r.non_2xx} non-2xx answers, {r.socket_errors} socket errors or timeouts"
+        for r in results
+        if r.failed
+    ]
+    for server, log_path in logs.items():
+        problems += [f"{server} logged: {line}" for line in server_errors(log_path)[:20]]
+    return problems
+
+
+def benchmark(args: argparse.Namespace, work: Path) -> tuple[list[Target], list[WrkResult], list[str]]:
+    """Start both servers in ``work``, measure, stop them; return the targets, results and problems."""
+    data_dir = work / "data"
+    owners = {name: create_owner(data_dir, name) for name in ("ten", "thousand", "writer")}
+    api_port, bare_port = free_port(), free_port()
+    logs = {"poweremail": work / "poweremail.log", "bare endpoint": work / "bare.log"}
+    serve = poweremail_command(
+        "serve", "--data-dir", str(data_dir), "--api-port", str(api_port), "--roles", "api"
+    )
+    bare_server = [sys.executable, str(BENCH_DIR / "bare_api.py"), "--port", str(bare_port)]
+    # Both servers stop in the finally clauses of `running`, on success, error or Ctrl-C alike.
+    with running(serve, logs["poweremail"], api_port), running(bare_server, logs["bare endpoint"], bare_port):
+        bare, targets = prepare_targets(
+            f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{bare_port}/bare", owners
+        )
+        print(f"measuring: {args.runs} runs x {args.duration} s, {args.connections} connections", flush=True)
+        results = measure(
+            bare,
+            targets,
+            runs=args.runs,
+            duration=args.duration,
+            connections=args.connections,
+            threads=args.threads,
+        )
+    # Read the logs only now: the servers have stopped and flushed them.
+    return targets, results, find_problems(results, logs)
+
+
 def main() -> int:
     args = parse_args()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -377,56 +454,11 @@ def main() -> int:
         print("bench/api.py: wrk is not installed; install it with: apt-get install -y wrk", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="poweremail-bench-") as tmp:
-        work = Path(tmp)
-        data_dir = work / "data"
-        owners = {name: create_owner(data_dir, name) for name in ("ten", "thousand", "writer")}
-        api_port, bare_port = free_port(), free_port()
-        api_log, bare_log = work / "poweremail.log", work / "bare.log"
-        serve = poweremail_command("serve", "--data-dir", str(data_dir), "--api-port", str(api_port), "--roles", "api")
-        bare_cmd = [sys.executable, str(BENCH_DIR / "bare_api.py"), "--port", str(bare_port)]
-        # Both servers stop in the finally clauses of `running`, on success, error or Ctrl-C alike.
-        with running(serve, api_log, api_port), running(bare_cmd, bare_log, bare_port):
-            api = f"http://127.0.0.1:{api_port}"
-            print("creating 10 + 1,000 SMTP users through the API ...", flush=True)
-            asyncio.run(add_smtp_users(api, owners["ten"], 10))
-            asyncio.run(add_smtp_users(api, owners["thousand"], 1000))
-
-            def listing(owner: Owner) -> str:
-                return json.dumps(owner.credentials())
-
-            adding = json.dumps({**owners["writer"].credentials(), "total_limit": MAX_LIMIT, "hourly_limit": MAX_LIMIT})
-            bare = Target(BARE, f"http://127.0.0.1:{bare_port}/bare", listing(owners["ten"]))
-            targets = [
-                Target(GOAL_TARGET, f"{api}/settings/listSmtp", listing(owners["ten"])),
-                Target("listSmtp, 1,000 users", f"{api}/settings/listSmtp", listing(owners["thousand"])),
-                Target("addSmtp", f"{api}/settings/addSmtp", adding),
-            ]
-            check_target(bare, {"status": "success"})
-            check_target(targets[0], {"status": "success", "message": "10 SMTP users"})
-            check_target(targets[1], {"status": "success", "message": "1000 SMTP users"})
-            check_target(targets[2], {"status": "success", "message": "SMTP User Created"})
-
-            print(f"measuring: {args.runs} runs x {args.duration} s, {args.connections} connections", flush=True)
-            results = measure(
-                bare, targets, runs=args.runs, duration=args.duration, connections=args.connections,
-                threads=args.threads,
-            )  # fmt: skip
-        problems = [
-            f"{r.target}, run {r.run}: {r.non_2xx} non-2xx answers, {r.socket_errors} socket errors or timeouts"
-            for r in results
-            if r.failed
-        ]
-        problems += [f"poweremail logged: {line}" for line in server_errors(api_log)[:20]]
-        problems += [f"bare endpoint logged: {line}" for line in server_errors(bare_log)[:20]]
-
+        targets, results, problems = benchmark(args, Path(tmp))
     summaries = summarize(results, [BARE, *(t.name for t in targets)])
-    report = render_report(args, summaries, results, problems)
     args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(report)
-    print()
-    print(table(summaries))
-    print()
-    print(verdict(summaries))
+    args.report.write_text(render_report(args, summaries, results, problems))
+    print(f"\n{table(summaries)}\n\n{verdict(summaries)}")
     for problem in problems:
         print(f"FAILURE: {problem}")
     print(f"\nwritten to {args.report}")
@@ -434,4 +466,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the servers are already stopped and the directory removed by now
+        print("bench/api.py: interrupted", file=sys.stderr)
+        sys.exit(130)

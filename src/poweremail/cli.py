@@ -18,7 +18,7 @@ import pydantic
 import pydantic_settings
 
 from poweremail import __version__
-from poweremail.config import Settings, load_settings
+from poweremail.config import COMMON_FIELDS, Settings, load_settings
 from poweremail.keyring import DecryptionError, Keyring, KeyringError
 from poweremail.listeners import ListenError
 from poweremail.services import DataDirError, Services, open_services
@@ -45,43 +45,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
 
 
-def _common_flags() -> _Parser:
-    common = _Parser(add_help=False)
-    common.add_argument("--data-dir", help="where the SQLite store and generated keys live (default ./data)")
-    common.add_argument("--database-url", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
-    common.add_argument(
-        "--secret-key-file", help="keyring that encrypts SMTP passwords (default DATA_DIR/secret.key)"
-    )
-    common.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    return common
+def _settings_flags(fields: Sequence[str]) -> _Parser:
+    """A parent parser with one ``--flag`` per Settings field; each is also a POWEREMAIL_* variable.
 
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {port}")
-    return port
+    Values stay strings here: Settings validates them, exactly as it validates the environment.
+    """
+    parent = _Parser(add_help=False)
+    for name in fields:
+        info = Settings.model_fields[name]
+        env = f"POWEREMAIL_{name.upper()}"
+        help_text = f"{info.description} (env {env})" if info.description else f"env {env}"
+        parent.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", help=help_text)
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common_flags()
+    common = _settings_flags(COMMON_FIELDS)
+    serve_only = _settings_flags([name for name in Settings.model_fields if name not in COMMON_FIELDS])
     parser = _Parser(prog="poweremail", description="Self-hostable email-sending service.")
     parser.add_argument("--version", action="version", version=f"poweremail {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    serve = commands.add_parser("serve", parents=[common], help="run the API (and, later, SMTP and delivery)")
-    serve.add_argument("--api-host")
-    serve.add_argument("--api-port", type=_port)
-    serve.add_argument("--smtp-host")
-    serve.add_argument("--smtp-port", type=_port)
-    serve.add_argument("--smtps-port", type=_port)
-    serve.add_argument("--relay", metavar="HOST:PORT", help="deliver everything through this server")
-    serve.add_argument("--tls-cert")
-    serve.add_argument("--tls-key")
-    serve.add_argument("--roles", help="comma-separated subset of api,smtp,delivery (default: all)")
+    serve = commands.add_parser(
+        "serve", parents=[common, serve_only], help="run the node: API, SMTP, delivery"
+    )
     serve.set_defaults(run=_serve)
 
     owner = commands.add_parser("owner", help="manage owners (the API's owner_id + token)")
@@ -108,15 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SETTINGS_FLAGS = (
-    "data_dir", "database_url", "secret_key_file", "log_level", "api_host", "api_port", "smtp_host",
-    "smtp_port", "smtps_port", "relay", "tls_cert", "tls_key", "roles",
-)  # fmt: skip
-
-
 def _settings_from(args: argparse.Namespace) -> Settings:
     try:
-        return load_settings(**{name: getattr(args, name, None) for name in _SETTINGS_FLAGS})
+        return load_settings(**{name: getattr(args, name, None) for name in Settings.model_fields})
     except pydantic_settings.SettingsError as exc:
         raise CommandError(f"bad settings: {exc}") from None
     except pydantic.ValidationError as exc:

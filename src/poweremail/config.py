@@ -1,11 +1,13 @@
 """One validated settings object: command-line flags > ``POWEREMAIL_*`` environment > defaults.
 
 Built by :func:`load_settings` (never at import time) so that tests and every CLI command get their
-own. SPEC §6 lists the flags; each one is also an environment variable of the same name.
+own. SPEC §6 lists the main flags. Every field here is both a flag (``--api-port``) and an
+environment variable (``POWEREMAIL_API_PORT``): the CLI builds its flags from these fields.
 """
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,28 +16,63 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Role = Literal["api", "smtp", "delivery"]
 ALL_ROLES: tuple[Role, ...] = ("api", "smtp", "delivery")
+MiB = 1024 * 1024
+
+# The fields every command takes; the others belong to `serve`.
+COMMON_FIELDS = ("data_dir", "database_url", "secret_key_file", "log_level")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="POWEREMAIL_", extra="forbid", frozen=True)
 
-    data_dir: Path = Path("./data")
-    # A SecretStr because a PostgreSQL URL can carry a password; see database_url_for_display().
-    database_url: SecretStr | None = None
-    secret_key_file: Path | None = None
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # --- every command ---
+    data_dir: Path = Field(Path("./data"), description="SQLite store, generated key and certificate")
+    # A SecretStr because a PostgreSQL URL can carry a password.
+    database_url: SecretStr | None = Field(
+        None, description="sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+    )
+    secret_key_file: Path | None = Field(
+        None, description="keyring encrypting SMTP passwords (DATA_DIR/secret.key)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG|INFO|WARNING|ERROR"
+    )
 
+    # --- serve: roles and listeners ---
+    roles: Annotated[tuple[Role, ...], NoDecode] = Field(
+        ALL_ROLES, description="comma-separated subset of api,smtp,delivery"
+    )
     api_host: str = "127.0.0.1"
-    api_port: int = Field(default=8080, ge=0, le=65535)
+    api_port: int = Field(8080, ge=0, le=65535)
     smtp_host: str = "127.0.0.1"
-    smtp_port: int = Field(default=2525, ge=0, le=65535)
-    smtps_port: int = Field(default=2465, ge=0, le=65535)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    relay: str | None = None
+    smtp_port: int = Field(2525, ge=0, le=65535, description="submission port, STARTTLS")
+    smtps_port: int = Field(2465, ge=0, le=65535, description="implicit-TLS submission port")
 
-    # NoDecode: the environment gives "api,smtp", not JSON; _split_roles reads it.
-    roles: Annotated[tuple[Role, ...], NoDecode] = ALL_ROLES
+    # --- serve: SMTP submission ---
+    hostname: str = Field(default_factory=socket.getfqdn, description="name in the SMTP banner and headers")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain); self-signed if unset")
+    tls_key: Path | None = Field(None, description="PEM private key for --tls-cert")
+    max_message_size: int = Field(25 * MiB, ge=1024, description="bytes; advertised as SIZE")
+    # SPEC §4: AUTH only after TLS, except to loopback clients (configurable).
+    plaintext_auth_on_loopback: bool = Field(True, description="offer AUTH before TLS to loopback clients")
+    smtp_idle_timeout: float = Field(300, gt=0, description="seconds a session may sit idle")
+    smtp_session_timeout: float = Field(3600, gt=0, description="seconds a session may last in all")
+    max_connections_per_address: int = Field(
+        50, ge=1, description="concurrent SMTP sessions per client address"
+    )
+    failed_logins_per_address: int = Field(
+        10, ge=1, description="failures in the window before an address waits"
+    )
+    failed_login_window: float = Field(600, gt=0, description="seconds")
+    failed_login_block: float = Field(
+        600, gt=0, description="seconds an address waits after too many failures"
+    )
+    failed_login_delay: float = Field(
+        1.0, ge=0, description="seconds added per recent failure before answering 535"
+    )
+
+    # --- serve: delivery ---
+    relay: str | None = Field(None, description="HOST:PORT to deliver everything through")
 
     @field_validator("roles", mode="before")
     @classmethod

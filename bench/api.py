@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -48,6 +49,8 @@ GOAL_TARGET = "listSmtp, 10 users"
 BARE = "bare endpoint"
 # The largest limits the API accepts: the owner that addSmtp loads must never be refused for limits.
 MAX_LIMIT = 2_147_483_647
+# A measurement during which other processes kept this much of a core busy is flagged as noisy.
+NOISY_OTHER_CORES = 0.25
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 WARMUP_S = 2
@@ -63,10 +66,17 @@ class Owner:
 
 
 @dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     url: str
     body: str  # JSON sent on every request
+    server_pid: int  # whose CPU time the measurement reports
 
 
 @dataclass(frozen=True)
@@ -79,10 +89,17 @@ class WrkResult:
     requests: int
     non_2xx: int  # wrk counts answers >= 400 here
     socket_errors: int  # connect, read, write errors and timeouts
+    server_cores: float  # CPU the server used, in cores (its threads included)
+    other_cores: float  # CPU used by anything but the server, wrk and this script: noise
+    steal_cores: float  # CPU the hypervisor gave to other machines: noise we cannot stop
 
     @property
     def failed(self) -> bool:
         return self.non_2xx > 0 or self.socket_errors > 0
+
+    @property
+    def noisy(self) -> bool:
+        return self.other_cores > NOISY_OTHER_CORES
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,7 @@ class Summary:
     p50_ms: float
     p99_ms: float
     ratio_to_bare: float
+    server_cores: float
     non_2xx: int
     socket_errors: int
 
@@ -110,7 +128,9 @@ def free_port() -> int:
 def start_server(command: list[str], log_path: Path, port: int) -> subprocess.Popen[bytes]:
     """Start a server, its output to ``log_path``, and return once it accepts connections on ``port``."""
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=child_environment()
+        )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -143,6 +163,12 @@ def running(command: list[str], log_path: Path, port: int) -> Iterator[subproces
         stop_process(process)
 
 
+def child_environment() -> dict[str, str]:
+    # Without POWEREMAIL_* variables: a POWEREMAIL_DATABASE_URL left in the shell would otherwise
+    # point the benchmark at that database instead of SQLite in the temporary directory.
+    return {name: value for name, value in os.environ.items() if not name.startswith("POWEREMAIL_")}
+
+
 def poweremail_command(*args: str) -> list[str]:
     # `python -m poweremail` rather than the `poweremail` script on PATH: the same interpreter as the
     # bare endpoint, whichever environment runs the benchmark.
@@ -150,13 +176,11 @@ def poweremail_command(*args: str) -> list[str]:
 
 
 def create_owner(data_dir: Path, name: str) -> Owner:
-    out = subprocess.run(
-        poweremail_command("owner", "create", "--data-dir", str(data_dir), "--name", name),
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    created = json.loads(out)
+    command = poweremail_command("owner", "create", "--data-dir", str(data_dir), "--name", name)
+    done = subprocess.run(command, capture_output=True, text=True, env=child_environment())
+    if done.returncode != 0:
+        raise RuntimeError(f"poweremail owner create exited with {done.returncode}: {done.stderr.strip()}")
+    created = json.loads(done.stdout)
     return Owner(owner_id=created["owner_id"], token=created["token"])
 
 
@@ -194,6 +218,41 @@ def check_target(target: Target, expected: dict[str, Any]) -> None:
 # --- load -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds so far: processes on the whole machine, the server, this process with its waited
+    children, and the time the hypervisor gave our virtual CPUs to someone else (steal)."""
+
+    machine: float
+    server: float
+    ours: float
+    steal: float
+
+    @classmethod
+    def take(cls, server_pid: int) -> CpuSnapshot:
+        ticks = os.sysconf("SC_CLK_TCK")
+        # /proc/stat "cpu": user nice system idle iowait irq softirq steal. Only user, nice and system
+        # count as processes' work: irq and softirq are mostly the loopback traffic of the benchmark.
+        user, nice, system, _idle, _iowait, _irq, _softirq, steal = (
+            int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+        )
+        # /proc/PID/stat: utime and stime are fields 14 and 15, counting the threads that have exited.
+        stat = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        return cls(
+            machine=(user + nice + system) / ticks,
+            server=(int(stat[11]) + int(stat[12])) / ticks,
+            ours=sum(u.ru_utime + u.ru_stime for u in usage),  # wrk is a waited child once it ends
+            steal=steal / ticks,
+        )
+
+    def others_since(self, before: CpuSnapshot) -> float:
+        """CPU seconds of processes other than the server and us (wrk included): other programs, and the
+        server that is not being measured. Clock ticks make it coarse (10 ms)."""
+        spent = (self.machine - before.machine) - (self.server - before.server) - (self.ours - before.ours)
+        return max(0.0, spent)
+
+
 def run_wrk(target: Target, *, run: int, duration: int, connections: int, threads: int) -> WrkResult:
     # A generous --timeout: wrk's 2 s default would count slow listSmtp(1000) answers as errors
     # rather than as the latencies they are.
@@ -201,7 +260,9 @@ def run_wrk(target: Target, *, run: int, duration: int, connections: int, thread
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--timeout", "30s", "--latency",
         "-s", str(LUA_SCRIPT), target.url, "--", target.body,
     ]  # fmt: skip
+    before, started = CpuSnapshot.take(target.server_pid), time.monotonic()
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    after, elapsed = CpuSnapshot.take(target.server_pid), time.monotonic() - started
     line = next((line for line in output.splitlines() if line.startswith("BENCH_RESULT ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no BENCH_RESULT line for {target.name}:\n{output}")
@@ -215,12 +276,18 @@ def run_wrk(target: Target, *, run: int, duration: int, connections: int, thread
         requests=raw["requests"],
         non_2xx=raw["non_2xx_3xx"],
         socket_errors=raw["connect_errors"] + raw["read_errors"] + raw["write_errors"] + raw["timeouts"],
+        server_cores=(after.server - before.server) / elapsed,
+        other_cores=after.others_since(before) / elapsed,
+        steal_cores=(after.steal - before.steal) / elapsed,
     )
 
 
 def progress_line(r: WrkResult) -> str:
-    failed = "  FAILED REQUESTS" if r.failed else ""
-    return f"{r.target:<22} {r.rps:8.1f} req/s  p50 {r.p50_ms:8.2f} ms  p99 {r.p99_ms:8.2f} ms{failed}"
+    flags = ("  FAILED REQUESTS" if r.failed else "") + ("  (noisy: other processes busy)" if r.noisy else "")
+    return (
+        f"{r.target:<22} {r.rps:8.1f} req/s  p50 {r.p50_ms:8.2f} ms  p99 {r.p99_ms:8.2f} ms"
+        f"  server CPU {r.server_cores:.2f}{flags}"
+    )
 
 
 def measure(
@@ -254,6 +321,7 @@ def summarize(results: list[WrkResult], order: list[str]) -> list[Summary]:
                 p50_ms=statistics.median(r.p50_ms for r in rows),
                 p99_ms=statistics.median(r.p99_ms for r in rows),
                 ratio_to_bare=rps / bare_rps,
+                server_cores=statistics.median(r.server_cores for r in rows),
                 non_2xx=sum(r.non_2xx for r in rows),
                 socket_errors=sum(r.socket_errors for r in rows),
             )
@@ -292,21 +360,41 @@ def versions() -> str:
 
 def table(summaries: list[Summary]) -> str:
     lines = [
-        "| target | requests/s | p50 (ms) | p99 (ms) | vs bare (requests/s) | failed requests |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| target | requests/s | p50 (ms) | p99 (ms) | vs bare (requests/s) | server CPU (cores)"
+        " | failed requests |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summaries:
         failed = s.non_2xx + s.socket_errors
         failures = f"**{failed}** ({s.non_2xx} non-2xx, {s.socket_errors} socket)" if failed else "0"
-        figures = f"{s.rps:,.0f} | {s.p50_ms:.2f} | {s.p99_ms:.2f} | {s.ratio_to_bare:.2f}x"
+        figures = (
+            f"{s.rps:,.0f} | {s.p50_ms:.2f} | {s.p99_ms:.2f} | {s.ratio_to_bare:.2f}x | {s.server_cores:.2f}"
+        )
         lines.append(f"| {s.target} | {figures} | {failures} |")
     return "\n".join(lines)
 
 
 def runs_table(results: list[WrkResult]) -> str:
-    lines = ["| run | target | requests/s | p50 (ms) | p99 (ms) |", "| ---: | --- | ---: | ---: | ---: |"]
-    lines += [f"| {r.run} | {r.target} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} |" for r in results]
+    lines = [
+        "| run | target | requests/s | p50 (ms) | p99 (ms) | server CPU | other CPU | steal |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        other = f"**{r.other_cores:.2f}**" if r.noisy else f"{r.other_cores:.2f}"
+        cpu = f"{r.server_cores:.2f} | {other} | {r.steal_cores:.2f}"
+        figures = f"{r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {cpu}"
+        lines.append(f"| {r.run} | {r.target} | {figures} |")
     return "\n".join(lines)
+
+
+def noise_note(results: list[WrkResult]) -> str:
+    noisy = [r for r in results if r.noisy]
+    if not noisy:
+        return f"No measurement saw other processes use more than {NOISY_OTHER_CORES} of a core."
+    return (
+        f"**{len(noisy)} of {len(results)} measurements saw other processes use more than"
+        f" {NOISY_OTHER_CORES} of a core** (bold below): their figures are lower than a quiet machine's."
+    )
 
 
 def verdict(summaries: list[Summary]) -> str:
@@ -353,7 +441,10 @@ Medians over the runs; "vs bare" is the median requests/s over the bare endpoint
 
 ## Every measurement
 
-Within each run the targets alternate with the bare endpoint, in this order.
+Within each run the targets alternate with the bare endpoint, in this order. The CPU columns are in
+cores (CPU seconds per second): "server CPU" is the server under load, its threads included; "other
+CPU" is what other processes used meanwhile (not the server, wrk or this script); "steal" is the time
+the hypervisor gave this machine's virtual CPUs to others. {noise_note(results)}
 
 {runs_table(results)}
 """
@@ -387,19 +478,21 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def prepare_targets(api: str, bare_url: str, owners: dict[str, Owner]) -> tuple[Target, list[Target]]:
+def prepare_targets(
+    api: Server, bare_server: Server, owners: dict[str, Owner]
+) -> tuple[Target, list[Target]]:
     """Create the SMTP users, and check that every target answers as expected before any load."""
     print("creating 10 + 1,000 SMTP users through the API ...", flush=True)
-    asyncio.run(add_smtp_users(api, owners["ten"], 10))
-    asyncio.run(add_smtp_users(api, owners["thousand"], 1000))
+    asyncio.run(add_smtp_users(api.url, owners["ten"], 10))
+    asyncio.run(add_smtp_users(api.url, owners["thousand"], 1000))
     ten, thousand = json.dumps(owners["ten"].credentials()), json.dumps(owners["thousand"].credentials())
     adding = {**owners["writer"].credentials(), "total_limit": MAX_LIMIT, "hourly_limit": MAX_LIMIT}
     # The bare endpoint gets the listSmtp body, so both sides read and parse the same bytes.
-    bare = Target(BARE, bare_url, ten)
+    bare = Target(BARE, f"{bare_server.url}/bare", ten, bare_server.pid)
     targets = [
-        Target(GOAL_TARGET, f"{api}/settings/listSmtp", ten),
-        Target("listSmtp, 1,000 users", f"{api}/settings/listSmtp", thousand),
-        Target("addSmtp", f"{api}/settings/addSmtp", json.dumps(adding)),
+        Target(GOAL_TARGET, f"{api.url}/settings/listSmtp", ten, api.pid),
+        Target("listSmtp, 1,000 users", f"{api.url}/settings/listSmtp", thousand, api.pid),
+        Target("addSmtp", f"{api.url}/settings/addSmtp", json.dumps(adding), api.pid),
     ]
     expected_messages = ["10 SMTP users", "1000 SMTP users", "SMTP User Created"]
     check_target(bare, {"status": "success"})
@@ -430,9 +523,14 @@ def benchmark(args: argparse.Namespace, work: Path) -> tuple[list[Target], list[
     )
     bare_server = [sys.executable, str(BENCH_DIR / "bare_api.py"), "--port", str(bare_port)]
     # Both servers stop in the finally clauses of `running`, on success, error or Ctrl-C alike.
-    with running(serve, logs["poweremail"], api_port), running(bare_server, logs["bare endpoint"], bare_port):
+    with (
+        running(serve, logs["poweremail"], api_port) as api_process,
+        running(bare_server, logs["bare endpoint"], bare_port) as bare_process,
+    ):
         bare, targets = prepare_targets(
-            f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{bare_port}/bare", owners
+            Server(f"http://127.0.0.1:{api_port}", api_process.pid),
+            Server(f"http://127.0.0.1:{bare_port}", bare_process.pid),
+            owners,
         )
         print(f"measuring: {args.runs} runs x {args.duration} s, {args.connections} connections", flush=True)
         results = measure(
@@ -461,6 +559,8 @@ def main() -> int:
     print(f"\n{table(summaries)}\n\n{verdict(summaries)}")
     for problem in problems:
         print(f"FAILURE: {problem}")
+    if any(r.noisy for r in results):
+        print(f"NOTE: {noise_note(results)}".replace("**", ""))
     print(f"\nwritten to {args.report}")
     return 1 if problems else 0
 

@@ -22,6 +22,7 @@ from poweremail.config import COMMON_FIELDS, Settings, load_settings
 from poweremail.keyring import DecryptionError, Keyring, KeyringError
 from poweremail.listeners import ListenError
 from poweremail.services import DataDirError, Services, open_services
+from poweremail.smtp.tls import TlsConfigError
 from poweremail.store import owners, smtp_users
 from poweremail.store.database import Database, DatabaseUnavailableError, DatabaseUrlError
 
@@ -215,8 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
-        if settings.log_level != "DEBUG":  # one line per migration step is noise in `owner create`
+        if settings.log_level != "DEBUG":
+            # One line per migration step, and aiosmtpd's one line per SMTP command, are noise.
             logging.getLogger("alembic").setLevel(logging.WARNING)
+            logging.getLogger("mail.log").setLevel(logging.WARNING)
+        # aiosqlite logs every statement with its parameters (message bodies) even at our DEBUG.
+        logging.getLogger("aiosqlite").setLevel(logging.INFO)
         command: Command = args.run
         return asyncio.run(command(settings, args))
     except (
@@ -227,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DecryptionError,
         KeyringError,
         ListenError,
+        TlsConfigError,
     ) as exc:
         print(f"poweremail: {exc}", file=sys.stderr)
         return EXIT_FAILURE

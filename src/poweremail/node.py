@@ -1,7 +1,8 @@
-"""One node: the roles ``poweremail serve`` runs (API now; SMTP and delivery join), in one event loop.
+"""One node: the roles ``poweremail serve`` runs (API, SMTP submission; delivery joins), in one
+event loop.
 
-Sockets are bound first, so a port in use stops the program before anything has started. SIGINT
-and SIGTERM stop every role and close the database.
+Every socket is bound first, so a port in use stops the program before anything has started.
+SIGINT and SIGTERM stop every role and close the database.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 
 import uvicorn
@@ -17,7 +19,8 @@ import uvicorn
 from poweremail.api.app import create_app
 from poweremail.config import Settings
 from poweremail.listeners import bind_tcp, describe
-from poweremail.services import open_services
+from poweremail.services import Services, open_services
+from poweremail.smtp.server import start_smtp_servers
 
 logger = logging.getLogger("poweremail")
 
@@ -30,48 +33,80 @@ class _ApiServer(uvicorn.Server):
         yield
 
 
-async def run_node(settings: Settings) -> None:
-    api_socket = (
-        bind_tcp(settings.api_host, settings.api_port, purpose="the API") if "api" in settings.roles else None
+def _bind_all(settings: Settings) -> dict[str, socket.socket]:
+    wanted = {
+        "api": [("api", settings.api_host, settings.api_port, "the API")],
+        "smtp": [
+            ("submission", settings.smtp_host, settings.smtp_port, "SMTP submission"),
+            ("smtps", settings.smtp_host, settings.smtps_port, "SMTP submission over TLS"),
+        ],
+    }
+    sockets: dict[str, socket.socket] = {}
+    try:
+        for role in settings.roles:
+            for name, host, port, purpose in wanted.get(role, []):
+                sockets[name] = bind_tcp(host, port, purpose=purpose)
+    except BaseException:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    return sockets
+
+
+def _api_server(services: Services) -> _ApiServer:
+    return _ApiServer(
+        uvicorn.Config(
+            create_app(services),
+            log_config=None,
+            access_log=False,  # query strings could carry secrets; calls log themselves
+            lifespan="off",
+            server_header=False,
+            http="httptools",
+        )
     )
+
+
+async def run_node(settings: Settings) -> None:
+    sockets = _bind_all(settings)
     services = await open_services(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    roles: list[asyncio.Task[None]] = []
+    tasks: list[asyncio.Task[None]] = []
     api_server: _ApiServer | None = None
+    smtp_servers: list[asyncio.Server] = []
     try:
-        if api_socket is not None:
-            api_server = _ApiServer(
-                uvicorn.Config(
-                    create_app(services),
-                    log_config=None,
-                    access_log=False,  # query strings could carry secrets; calls log themselves
-                    lifespan="off",
-                    server_header=False,
-                    http="httptools",
-                )
+        if "submission" in sockets:
+            smtp_servers = await start_smtp_servers(
+                services, submission_socket=sockets["submission"], smtps_socket=sockets["smtps"]
             )
-            roles.append(asyncio.create_task(api_server.serve(sockets=[api_socket]), name="api"))
-            logger.info("API listening on http://%s (docs at /docs)", describe(api_socket))
+            logger.info(
+                "SMTP submission on %s (STARTTLS) and %s (TLS)",
+                describe(sockets["submission"]),
+                describe(sockets["smtps"]),
+            )
+        if "api" in sockets:
+            api_server = _api_server(services)
+            tasks.append(asyncio.create_task(api_server.serve(sockets=[sockets["api"]]), name="api"))
+            logger.info("API on http://%s (docs at /docs)", describe(sockets["api"]))
         logger.info(
-            "PowerEmail node running roles %s; database %s",
-            ",".join(settings.roles),
-            services.database.dialect,
+            "PowerEmail node running roles %s on %s", ",".join(settings.roles), services.database.dialect
         )
         stop_waiter = asyncio.create_task(stop.wait(), name="stop")
-        done, _ = await asyncio.wait([stop_waiter, *roles], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([stop_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            if task is not stop_waiter and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+            if task is not stop_waiter and (error := task.exception()) is not None:
+                raise error
         stop_waiter.cancel()
         logger.info("stopping")
     finally:
         if api_server is not None:
             api_server.should_exit = True
-        await asyncio.gather(*roles, return_exceptions=True)
+        for server in smtp_servers:
+            server.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await services.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

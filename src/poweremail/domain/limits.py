@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
 # SPEC §2: whole numbers from 1 to 2,147,483,647 (a signed 32-bit integer, so every store holds it).
 MIN_LIMIT = 1
 MAX_LIMIT = 2_147_483_647
@@ -25,3 +29,57 @@ def parse_limit(value: object) -> int:
     if not MIN_LIMIT <= number <= MAX_LIMIT:
         raise ValueError(LIMIT_RULE)
     return number
+
+
+# --- SPEC §3: what sending costs and when it is refused ----------------------------------------
+
+HOURLY_WINDOW = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What an SMTP user has sent: over its life, and per message within the last hour."""
+
+    sent_total: int
+    # (accepted_at, recipients) of each message in the rolling hour, oldest first.
+    last_hour: tuple[tuple[datetime, int], ...] = ()
+
+    @property
+    def sent_last_hour(self) -> int:
+        return sum(count for _, count in self.last_hour)
+
+
+@dataclass(frozen=True)
+class Limits:
+    total_limit: int
+    hourly_limit: int
+
+
+@dataclass(frozen=True)
+class OverLimit:
+    """Why ``recipients`` more cannot be sent now."""
+
+    which: Literal["total", "hourly"]
+    # For the hourly limit: when enough of the window will have expired; None if never (the
+    # message alone has more recipients than the hourly limit).
+    resume_at: datetime | None = None
+
+
+def check_limits(*, limits: Limits, usage: Usage, recipients: int) -> OverLimit | None:
+    """``None`` if ``recipients`` more fit both limits, else which limit they break.
+
+    A limit counts recipients (SPEC §3). The total limit is checked first: it is the permanent one.
+    """
+    if usage.sent_total + recipients > limits.total_limit:
+        return OverLimit("total")
+    excess = usage.sent_last_hour + recipients - limits.hourly_limit
+    if excess <= 0:
+        return None
+    if recipients > limits.hourly_limit:
+        return OverLimit("hourly", resume_at=None)
+    freed = 0
+    for accepted_at, count in usage.last_hour:
+        freed += count
+        if freed >= excess:
+            return OverLimit("hourly", resume_at=accepted_at + HOURLY_WINDOW)
+    raise AssertionError("the window holds more than the excess, so the loop returns")  # pragma: no cover

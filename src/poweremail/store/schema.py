@@ -50,10 +50,55 @@ smtp_users = sa.Table(
     sa.Column("status", sa.String(7), nullable=False),
     sa.Column("total_limit", sa.Integer, nullable=False),
     sa.Column("hourly_limit", sa.Integer, nullable=False),
+    # Recipients accepted over the user's life (SPEC §3 total_limit), counted in the same transaction
+    # that queues the message.
+    sa.Column("sent_total", sa.BigInteger, nullable=False, server_default="0"),
+    # Bumped by a password reset: an SMTP session that logged in with an older version can start
+    # no new transaction (SPEC §4).
+    sa.Column("credential_version", sa.Integer, nullable=False, server_default="1"),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("status IN ('Enable', 'Disable')", name="status_is_enable_or_disable"),
     sa.CheckConstraint("total_limit >= 1 AND hourly_limit >= 1", name="limits_are_positive"),
+    sqlite_autoincrement=True,
+)
+
+# One accepted message: what the SMTP server answered 250 for. Its recipients are in `recipients`,
+# its bytes in `message_contents` (kept apart so scans of this table never read message bodies).
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    # The id named in the 250 reply and in the Received header.
+    sa.Column("queue_id", sa.String(32), nullable=False, unique=True),
+    sa.Column("smtp_user_id", sa.Integer, sa.ForeignKey("smtp_users.id"), nullable=False),
+    sa.Column("mail_from", sa.String(512), nullable=False),  # "" for the null sender <>
+    sa.Column("recipient_count", sa.Integer, nullable=False),
+    sa.Column("size_bytes", sa.Integer, nullable=False),
+    sa.Column("accepted_at", sa.DateTime(timezone=True), nullable=False),
+    # The rolling-hour window of SPEC §3 sums recipient_count over this index.
+    sa.Index("ix_messages_smtp_user_id_accepted_at", "smtp_user_id", "accepted_at"),
+    sqlite_autoincrement=True,
+)
+
+message_contents = sa.Table(
+    "message_contents",
+    metadata,
+    sa.Column("message_id", sa.Integer, sa.ForeignKey("messages.id"), primary_key=True),
+    # The message as stored: CRLF line endings, our Received header (and Message-ID if it had none).
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+RECIPIENT_STATES = ("queued", "deferred", "delivered", "bounced")
+
+recipients = sa.Table(
+    "recipients",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("message_id", sa.Integer, sa.ForeignKey("messages.id"), nullable=False, index=True),
+    sa.Column("address", sa.String(512), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, server_default="queued"),
+    sa.CheckConstraint("state IN ('queued', 'deferred', 'delivered', 'bounced')", name="state_is_known"),
     sqlite_autoincrement=True,
 )

@@ -13,8 +13,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from poweremail.domain.credentials import new_smtp_password, new_smtp_user_name
+from poweremail.domain.limits import HOURLY_WINDOW
 from poweremail.keyring import Keyring
-from poweremail.store.schema import smtp_users
+from poweremail.store.schema import messages, owners, smtp_users
 
 # A fresh random name collides with an existing one with probability (users / 9e9); five draws in a
 # row colliding means something else is wrong.
@@ -107,7 +108,12 @@ async def reset_smtp_password(
     await conn.execute(
         smtp_users.update()
         .where(smtp_users.c.id == smtp_user_id)
-        .values(password_ciphertext=ciphertext, password_key_id=key_id, updated_at=datetime.now(UTC))
+        .values(
+            password_ciphertext=ciphertext,
+            password_key_id=key_id,
+            credential_version=smtp_users.c.credential_version + 1,  # ends open SMTP sessions' rights
+            updated_at=datetime.now(UTC),
+        )
     )
     return password
 
@@ -130,6 +136,14 @@ async def delete_smtp_user(conn: AsyncConnection, *, smtp_user_id: int) -> None:
 
 async def list_smtp_users(conn: AsyncConnection, *, owner_pk: int, keyring: Keyring) -> list[SmtpUserListing]:
     """This owner's live SMTP users, oldest first, with their passwords and usage."""
+    sent_last_hour = (
+        sa.select(sa.func.coalesce(sa.func.sum(messages.c.recipient_count), 0))
+        .where(
+            messages.c.smtp_user_id == smtp_users.c.id,
+            messages.c.accepted_at > datetime.now(UTC) - HOURLY_WINDOW,
+        )
+        .scalar_subquery()
+    )
     rows = await conn.execute(
         sa.select(
             smtp_users.c.name,
@@ -138,6 +152,8 @@ async def list_smtp_users(conn: AsyncConnection, *, owner_pk: int, keyring: Keyr
             smtp_users.c.status,
             smtp_users.c.total_limit,
             smtp_users.c.hourly_limit,
+            smtp_users.c.sent_total,
+            sent_last_hour.label("sent_last_hour"),
         )
         .where(smtp_users.c.owner_pk == owner_pk, smtp_users.c.deleted_at.is_(None))
         .order_by(smtp_users.c.id)
@@ -151,9 +167,8 @@ async def list_smtp_users(conn: AsyncConnection, *, owner_pk: int, keyring: Keyr
             status=row.status,
             total_limit=row.total_limit,
             hourly_limit=row.hourly_limit,
-            # Counted once the SMTP server sends mail (issue 3); nothing can have been sent before.
-            sent_total=0,
-            sent_last_hour=0,
+            sent_total=row.sent_total,
+            sent_last_hour=row.sent_last_hour,
         )
         for row in rows
     ]
@@ -187,3 +202,39 @@ async def reencrypt_passwords(conn: AsyncConnection, *, keyring: Keyring, batch:
             .values(password_ciphertext=ciphertext, password_key_id=key_id)
         )
     return len(rows)
+
+
+@dataclass(frozen=True)
+class LoginCandidate:
+    smtp_user_id: int
+    name: str
+    password: str
+    credential_version: int
+    may_send: bool
+
+
+async def find_login(conn: AsyncConnection, *, name: str, keyring: Keyring) -> LoginCandidate | None:
+    """The live SMTP user called ``name``, with its decrypted password, for the SMTP AUTH check."""
+    row = (
+        await conn.execute(
+            sa.select(
+                smtp_users.c.id,
+                smtp_users.c.password_ciphertext,
+                smtp_users.c.password_key_id,
+                smtp_users.c.status,
+                smtp_users.c.credential_version,
+                owners.c.is_active,
+            )
+            .join(owners, owners.c.id == smtp_users.c.owner_pk)
+            .where(smtp_users.c.name == name, smtp_users.c.deleted_at.is_(None))
+        )
+    ).first()
+    if row is None:
+        return None
+    return LoginCandidate(
+        smtp_user_id=row.id,
+        name=name,
+        password=keyring.decrypt_password(row.password_key_id, row.password_ciphertext, smtp_user_name=name),
+        credential_version=row.credential_version,
+        may_send=row.status == "Enable" and bool(row.is_active),
+    )

@@ -1,0 +1,260 @@
+"""What the submission server does at each step of a session (aiosmtpd handler hooks).
+
+AUTH checks an SMTP user's credentials against the store; MAIL re-checks that the user may still
+send; RCPT makes the early limit check; the end of DATA makes the authoritative one and queues the
+message in the same transaction, answering 250 only once it is on stable storage (SPEC §3, §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from base64 import b64decode
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope
+from sqlalchemy.exc import SQLAlchemyError
+
+from poweremail.domain.credentials import new_smtp_password
+from poweremail.domain.limits import OverLimit, check_limits
+from poweremail.domain.throttle import FailedLoginThrottle
+from poweremail.keyring import DecryptionError
+from poweremail.services import Services
+from poweremail.smtp import replies
+from poweremail.smtp.message import new_queue_id, received_header, stamp
+from poweremail.smtp.protocol import SubmissionSession, SubmissionSMTP
+from poweremail.store import messages, smtp_users
+
+logger = logging.getLogger("poweremail.smtp")
+
+# RFC 4954 §4: after this many failures in one session the server may close the connection.
+MAX_FAILED_LOGINS_PER_SESSION = 3
+# Compared against when the user does not exist, so that costs what a wrong password costs.
+_DUMMY_PASSWORD = new_smtp_password().encode()
+# Errors that mean "the store is not there right now" rather than a bug.
+_STORE_ERRORS = (SQLAlchemyError, OSError, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True)
+class SmtpIdentity:
+    """Who a session logged in as. Never holds the password (aiosmtpd logs auth results)."""
+
+    smtp_user_id: int
+    name: str
+    credential_version: int
+
+
+def _decode_plain(blob: bytes) -> tuple[bytes, bytes] | None:
+    """RFC 4616: authzid NUL authcid NUL passwd. We act only as the user itself (no proxy)."""
+    parts = blob.split(b"\x00")
+    if len(parts) != 3:
+        return None
+    authzid, login, password = parts
+    if authzid and authzid != login:
+        return None
+    return login, password
+
+
+def _identity(session: SubmissionSession) -> SmtpIdentity:
+    # aiosmtpd only lets MAIL through once AUTH succeeded (auth_required=True).
+    assert isinstance(session.auth_data, SmtpIdentity)
+    return session.auth_data
+
+
+class SubmissionHandler:
+    def __init__(self, *, services: Services, throttle: FailedLoginThrottle) -> None:
+        self._services = services
+        self._throttle = throttle
+        self._hostname = services.settings.hostname
+
+    # --- AUTH (RFC 4954); our own async mechanisms replace aiosmtpd's synchronous authenticator ---
+
+    async def auth_PLAIN(self, server: SubmissionSMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = b64decode(args[1], validate=True)
+            except ValueError:
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        credentials = _decode_plain(blob)
+        if credentials is None:
+            await server.push("501 5.5.2 Cannot split the PLAIN credentials")
+            return AuthResult(success=False, handled=True)
+        return await self._check_credentials(server, *credentials)
+
+    async def auth_LOGIN(self, server: SubmissionSMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth("Username:")
+        else:
+            try:
+                login = b64decode(args[1], validate=True)
+            except ValueError:
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        if login is MISSING:
+            return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._check_credentials(server, login, password)
+
+    async def _check_credentials(self, server: SubmissionSMTP, login: bytes, password: bytes) -> AuthResult:
+        session = server.submission_session()
+        if self._throttle.is_blocked(server.client_host):
+            return AuthResult(success=False, handled=False, message=replies.AUTH_THROTTLED)
+        try:
+            async with self._services.database.read() as conn:
+                candidate = await smtp_users.find_login(
+                    conn, name=login.decode("utf-8", "replace"), keyring=self._services.keyring
+                )
+        except (*_STORE_ERRORS, DecryptionError):
+            logger.exception("login check failed for a client at %s", server.client_host)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPORARY_FAILURE)
+        expected = candidate.password.encode() if candidate is not None else _DUMMY_PASSWORD
+        matches = hmac.compare_digest(expected, password)
+        if candidate is not None and matches and candidate.may_send:
+            session.failed_logins = 0
+            identity = SmtpIdentity(candidate.smtp_user_id, candidate.name, candidate.credential_version)
+            logger.info("%s logged in from %s", candidate.name, server.client_host)
+            return AuthResult(success=True, auth_data=identity)
+
+        session.failed_logins += 1
+        delay = self._throttle.record_failure(server.client_host)
+        logger.info("failed login from %s (%d in this session)", server.client_host, session.failed_logins)
+        await asyncio.sleep(delay)
+        if session.failed_logins >= MAX_FAILED_LOGINS_PER_SESSION:
+            await server.close_with(replies.AUTH_TOO_MANY_IN_SESSION)
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
+
+    # --- the transaction ---------------------------------------------------------------------
+
+    async def handle_EHLO(
+        self,
+        server: SubmissionSMTP,
+        session: SubmissionSession,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        # RFC 2034 (we send enhanced codes) and RFC 2920 (aiosmtpd reads commands in order, and
+        # drops buffered plaintext at STARTTLS, so pipelining is safe).
+        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", "250-PIPELINING", responses[-1]]
+
+    async def handle_MAIL(
+        self,
+        server: SubmissionSMTP,
+        session: SubmissionSession,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        identity = _identity(session)
+        try:
+            async with self._services.database.read() as conn:
+                state = await messages.sender_state(
+                    conn, smtp_user_id=identity.smtp_user_id, now=datetime.now(UTC)
+                )
+        except _STORE_ERRORS:
+            logger.exception("could not read the state of %s", identity.name)
+            return replies.STORE_UNAVAILABLE
+        if state is None or not state.may_send or state.credential_version != identity.credential_version:
+            # SPEC §4: disabled, deleted or reset mid-session: no new transaction, and no more
+            # transactions on this login.
+            session.authenticated = False
+            logger.info(
+                "%s may no longer send; session at %s must log in again", identity.name, server.client_host
+            )
+            return replies.CREDENTIALS_REVOKED
+        session.sender = state
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(
+        self,
+        server: SubmissionSMTP,
+        session: SubmissionSession,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= replies.MAX_RECIPIENTS:
+            return replies.TOO_MANY_RECIPIENTS
+        state: messages.SenderState = session.sender
+        # The early check, against usage read at MAIL; the authoritative one is at the end of DATA.
+        refusal = check_limits(limits=state.limits, usage=state.usage, recipients=len(envelope.rcpt_tos) + 1)
+        if refusal is not None:
+            return self._limit_reply(refusal, state)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return replies.RECIPIENT_OK
+
+    async def handle_DATA(
+        self, server: SubmissionSMTP, session: SubmissionSession, envelope: Envelope
+    ) -> str:
+        identity = _identity(session)
+        assert envelope.original_content is not None  # aiosmtpd sets it before calling this hook
+        queue_id = new_queue_id()
+        now = datetime.now(UTC)
+        protocol = ("ESMTPSA" if session.tls else "ESMTPA") if session.extended_smtp else "SMTP"
+        received = received_header(
+            helo=session.host_name,
+            client_ip=server.client_host,
+            hostname=self._hostname,
+            protocol=protocol,
+            queue_id=queue_id,
+            recipients=envelope.rcpt_tos,
+            now=now,
+        )
+        data = stamp(envelope.original_content, received=received, hostname=self._hostname, queue_id=queue_id)
+        try:
+            async with self._services.database.write() as conn:
+                outcome = await messages.queue_message(
+                    conn,
+                    smtp_user_id=identity.smtp_user_id,
+                    credential_version=identity.credential_version,
+                    queue_id=queue_id,
+                    mail_from=envelope.mail_from or "",
+                    rcpt_tos=envelope.rcpt_tos,
+                    data=data,
+                    now=now,
+                )
+        except _STORE_ERRORS:
+            logger.exception("could not queue a message of %s", identity.name)
+            return replies.STORE_UNAVAILABLE
+        if isinstance(outcome, messages.Queued):
+            logger.info(
+                "%s queued %s: %d recipient(s), %d bytes",
+                identity.name,
+                queue_id,
+                len(envelope.rcpt_tos),
+                len(data),
+            )
+            return replies.QUEUED.format(queue_id=outcome.queue_id)
+        if isinstance(outcome, OverLimit):
+            return self._limit_reply(outcome, session.sender)
+        session.authenticated = False
+        return replies.CREDENTIALS_REVOKED
+
+    @staticmethod
+    def _limit_reply(refusal: OverLimit, state: messages.SenderState) -> str:
+        if refusal.which == "total":
+            return replies.TOTAL_LIMIT.format(limit=state.limits.total_limit)
+        if refusal.resume_at is None:
+            return replies.HOURLY_LIMIT_NEVER.format(limit=state.limits.hourly_limit)
+        resume_at = (
+            refusal.resume_at.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+        )
+        return replies.HOURLY_LIMIT.format(limit=state.limits.hourly_limit, resume_at=resume_at)
+
+    async def handle_exception(self, error: Exception) -> str:
+        logger.error("SMTP session error: %s", type(error).__name__, exc_info=error)
+        return replies.LOCAL_ERROR

@@ -1,0 +1,70 @@
+"""What the server does to a message's bytes before storing it (SPEC §4): line endings, the
+Received trace header, a Message-ID if missing. Pure functions; no I/O."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime
+from email.utils import format_datetime
+
+# A lone CR or LF becomes CRLF (SPEC §4), so what we store and relay has one line ending only.
+# aiosmtpd already ends the data only at CRLF.CRLF and splits lines only at CRLF (no smuggling).
+_ANY_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
+_MESSAGE_ID_HEADER = re.compile(rb"^message-id[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# What we copy of the client's HELO into our header: a hostname or address literal, nothing else.
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def new_queue_id() -> str:
+    return secrets.token_hex(8).upper()
+
+
+def normalize_line_endings(data: bytes) -> bytes:
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+        return data  # the common case, already pure CRLF: three counts, no copy
+    return _ANY_LINE_ENDING.sub(b"\r\n", data)
+
+
+def header_block(data: bytes) -> bytes:
+    end = data.find(b"\r\n\r\n")
+    if data.startswith(b"\r\n"):
+        return b""
+    return data if end < 0 else data[: end + 2]
+
+
+def has_message_id(data: bytes) -> bool:
+    return _MESSAGE_ID_HEADER.search(header_block(data)) is not None
+
+
+def received_header(
+    *,
+    helo: str | None,
+    client_ip: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipients: list[str],
+    now: datetime,
+) -> bytes:
+    """The trace header of RFC 5321 §4.4; ``protocol`` per RFC 3848 (ESMTPSA: TLS and AUTH).
+
+    The recipient is named only when there is one, as Postfix does, so one copy does not reveal
+    the others' addresses.
+    """
+    helo_text = _HELO_UNSAFE.sub("", helo or "")[:255] or "unknown"
+    for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+    return (
+        f"Received: from {helo_text} ([{client_ip}])\r\n"
+        f"\tby {hostname} (PowerEmail) with {protocol} id {queue_id}{for_clause}; {format_datetime(now)}\r\n"
+    ).encode("utf-8", "surrogateescape")
+
+
+def stamp(data: bytes, *, received: bytes, hostname: str, queue_id: str) -> bytes:
+    """Normalize ``data`` and put our headers on top of it."""
+    body = normalize_line_endings(data)
+    headers = received
+    if not has_message_id(body):
+        headers += f"Message-ID: <{queue_id.lower()}@{hostname}>\r\n".encode()
+    return headers + body

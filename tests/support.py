@@ -90,12 +90,33 @@ async def drop_postgres_database(url: str) -> None:
 # --- servers ----------------------------------------------------------------------------------
 
 
+def _answers_http(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _answers_smtp(port: int) -> bool:
+    """A 220 greeting: ports are bound before the store opens, so accepting is not enough."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            return sock.recv(4).startswith(b"220")
+    except OSError:
+        return False
+
+
 @dataclass
 class ServerProcess:
+    """``poweremail serve`` in a child process, on free loopback ports."""
+
     data_dir: Path
     database_url: str
-    api_port: int
     log_path: Path
+    api_port: int = field(default_factory=free_port)
+    smtp_port: int = field(default_factory=free_port)
+    smtps_port: int = field(default_factory=free_port)
+    roles: str = "api,smtp"
     process: subprocess.Popen[bytes] | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
@@ -111,7 +132,9 @@ class ServerProcess:
                 "--data-dir", str(self.data_dir),
                 "--database-url", self.database_url,
                 "--api-port", str(self.api_port),
-                "--roles", "api",
+                "--smtp-port", str(self.smtp_port),
+                "--smtps-port", str(self.smtps_port),
+                "--roles", self.roles,
                 *self.extra_args,
             ],
             stdout=log,
@@ -123,12 +146,21 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"poweremail serve exited early:\n{self.log_path.read_text()}")
-            try:
-                httpx.get(f"{self.base_url}/openapi.json", timeout=1).raise_for_status()
+            if self._ready():
                 return self
-            except httpx.HTTPError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         raise RuntimeError(f"poweremail serve did not answer within {timeout}s:\n{self.log_path.read_text()}")
+
+    def _ready(self) -> bool:
+        if "api" in self.roles and not _answers_http(self.api_port):
+            return False
+        return "smtp" not in self.roles or _answers_smtp(self.smtp_port)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
 
     def stop(self) -> int:
         assert self.process is not None

@@ -122,7 +122,6 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     process = ServerProcess(
         data_dir=tmp_path / "data",
         database_url=f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        api_port=free_port(),
         log_path=tmp_path / "serve.log",
     ).start()
     assert httpx.get(f"{process.base_url}/docs").status_code == 200

@@ -6,14 +6,13 @@ from pathlib import Path
 
 from poweremail.store.database import Database
 from poweremail.store.schema import smtp_users
-from tests.support import Owner, ServerProcess, create_owner, free_port, run
+from tests.support import Owner, ServerProcess, create_owner, run
 
 
 def test_no_secret_reaches_the_log_at_debug_level(database_url: str, tmp_path: Path) -> None:
     server = ServerProcess(
         data_dir=tmp_path / "data",
         database_url=database_url,
-        api_port=free_port(),
         log_path=tmp_path / "serve.log",
         extra_args=("--log-level", "DEBUG"),
     ).start()

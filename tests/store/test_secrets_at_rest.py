@@ -14,7 +14,7 @@ from poweremail.domain.credentials import new_smtp_password
 from poweremail.keyring import DecryptionError, Keyring, KeyringError
 from poweremail.store.database import Database
 from poweremail.store.schema import smtp_users
-from tests.support import Owner, ServerProcess, clean_env, free_port, poweremail, run
+from tests.support import Owner, ServerProcess, clean_env, poweremail, run
 
 
 def _all_bytes_under(directory: Path) -> bytes:
@@ -115,7 +115,6 @@ def test_keys_rotate_keeps_every_password_readable(database_url: str, tmp_path: 
     server = ServerProcess(
         data_dir=tmp_path / "data",
         database_url=database_url,
-        api_port=free_port(),
         log_path=tmp_path / "serve.log",
     ).start()
     try:

@@ -48,6 +48,13 @@ class Usage:
     def sent_last_hour(self) -> int:
         return sum(count for _, count in self.last_hour)
 
+    def plus(self, recipients: int, *, at: datetime) -> Usage:
+        """This usage with ``recipients`` more sent at ``at``: how an SMTP transaction's accepted
+        recipients count while it checks the next one (they will be sent together)."""
+        if recipients == 0:
+            return self
+        return Usage(self.sent_total + recipients, (*self.last_hour, (at, recipients)))
+
 
 @dataclass(frozen=True)
 class Limits:

@@ -190,7 +190,10 @@ class SubmissionHandler:
             return replies.TOO_MANY_RECIPIENTS
         state: messages.SenderState = session.sender
         # The early check, against usage read at MAIL; the authoritative one is at the end of DATA.
-        refusal = check_limits(limits=state.limits, usage=state.usage, recipients=len(envelope.rcpt_tos) + 1)
+        # The recipients already accepted count as sent now: one more that does not fit beside them
+        # can still go in a later message, so it is deferred (451), not refused for good.
+        usage = state.usage.plus(len(envelope.rcpt_tos), at=datetime.now(UTC))
+        refusal = check_limits(limits=state.limits, usage=usage, recipients=1)
         if refusal is not None:
             return self._limit_reply(refusal, state)
         envelope.rcpt_tos.append(address)
@@ -222,7 +225,8 @@ class SubmissionHandler:
                     smtp_user_id=identity.smtp_user_id,
                     credential_version=identity.credential_version,
                     queue_id=queue_id,
-                    mail_from=envelope.mail_from or "",
+                    # aiosmtpd keeps the null sender as "<>" (an empty value would mean "no MAIL yet").
+                    mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
                     rcpt_tos=envelope.rcpt_tos,
                     data=data,
                     now=now,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import smtplib
 from pathlib import Path
 
 from poweremail.store.database import Database
@@ -28,6 +31,8 @@ def test_no_secret_reaches_the_log_at_debug_level(database_url: str, tmp_path: P
             server.post("resetSmtpPassword", owner.creds(smtp_user_name=name)).json()["smtp_password"]
         )
         server.post("listSmtp", owner.creds())
+        server.post("editSmtp", owner.creds(smtp_user_name=name, total_limit=9, status="Enable"))
+        _smtp_logins(server, name, secrets[-1])
         # Failures log more: a wrong token, a bad parameter, an unexpected error, an unknown path.
         server.post("listSmtp", {"owner_id": owner.owner_id, "token": owner.token + "-wrong"})
         server.post("addSmtp", owner.creds(total_limit="bad", hourly_limit=owner.token))
@@ -40,6 +45,12 @@ def test_no_secret_reaches_the_log_at_debug_level(database_url: str, tmp_path: P
         server.stop()
     log = server.log()
     assert " DEBUG " in log and "failed unexpectedly" in log  # the log really is verbose, errors included
+    smtp_password = secrets[-1]
+    # SMTP credentials travel base64-encoded: AUTH PLAIN's blob, AUTH LOGIN's password line.
+    secrets += [
+        base64.b64encode(f"\0{name}\0{smtp_password}".encode()).decode(),
+        base64.b64encode(smtp_password.encode()).decode(),
+    ]
     for secret in secrets:
         assert secret not in log
 
@@ -53,3 +64,21 @@ async def _corrupt_ciphertext(database_url: str, name: str) -> None:
             )
     finally:
         await database.close()
+
+
+def _smtp_logins(server: ServerProcess, name: str, password: str) -> None:
+    """Successful and failed logins with both mechanisms, and a message, over the SMTP server."""
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as client:
+        client.login(name, password)  # smtplib picks PLAIN
+        client.sendmail("a@example.com", ["b@example.com"], b"Subject: x\r\n\r\nbody\r\n")
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as client:
+        client.ehlo()
+        client.user, client.password = name, password
+        client.auth("LOGIN", client.auth_login, initial_response_ok=False)
+    for mechanism in ("PLAIN", "LOGIN"):
+        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as client:
+            client.ehlo()
+            client.user, client.password = name, password + "-wrong"
+            method = client.auth_plain if mechanism == "PLAIN" else client.auth_login
+            with contextlib.suppress(smtplib.SMTPAuthenticationError):
+                client.auth(mechanism, method)

@@ -5,7 +5,32 @@ Migrations in ``migrations/versions`` create exactly this schema; a test compare
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 import sqlalchemy as sa
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """A point in time, always read back timezone-aware in UTC.
+
+    SQLite has no time zones: it stores the text and hands back naive datetimes, which Python would
+    later take for local time (a wrong "sending resumes at" on any server not running in UTC).
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UtcDateTime column")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
 
 metadata = sa.MetaData(
     naming_convention={
@@ -28,8 +53,8 @@ owners = sa.Table(
     # SHA-256 of the token; the token itself is shown once, at creation or rotation.
     sa.Column("token_sha256", sa.LargeBinary(32), nullable=False),
     sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.true()),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("token_rotated_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("token_rotated_at", UtcDateTime(), nullable=True),
     sqlite_autoincrement=True,
 )
 
@@ -56,9 +81,9 @@ smtp_users = sa.Table(
     # Bumped by a password reset: an SMTP session that logged in with an older version can start
     # no new transaction (SPEC §4).
     sa.Column("credential_version", sa.Integer, nullable=False, server_default="1"),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    sa.Column("deleted_at", UtcDateTime(), nullable=True),
     sa.CheckConstraint("status IN ('Enable', 'Disable')", name="status_is_enable_or_disable"),
     sa.CheckConstraint("total_limit >= 1 AND hourly_limit >= 1", name="limits_are_positive"),
     sqlite_autoincrement=True,
@@ -76,7 +101,7 @@ messages = sa.Table(
     sa.Column("mail_from", sa.String(512), nullable=False),  # "" for the null sender <>
     sa.Column("recipient_count", sa.Integer, nullable=False),
     sa.Column("size_bytes", sa.Integer, nullable=False),
-    sa.Column("accepted_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("accepted_at", UtcDateTime(), nullable=False),
     # The rolling-hour window of SPEC §3 sums recipient_count over this index.
     sa.Index("ix_messages_smtp_user_id_accepted_at", "smtp_user_id", "accepted_at"),
     sqlite_autoincrement=True,

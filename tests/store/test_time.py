@@ -1,0 +1,53 @@
+"""Timestamps come back timezone-aware in UTC from both stores, whatever the local time zone."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from poweremail.store import messages, owners
+from poweremail.store.database import Database
+from poweremail.store.schema import smtp_users
+from tests.support import run
+
+
+async def _round_trip(url: str) -> tuple[datetime, tuple[tuple[datetime, int], ...]]:
+    database = Database(url)
+    await database.migrate()
+    sent_at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    try:
+        async with database.write() as conn:
+            owner = await owners.create_owner(conn)
+            owner_pk = await owners.authenticate_owner(conn, owner_id=owner.owner_id, token=owner.token)
+            user_id = (
+                await conn.execute(
+                    smtp_users.insert()
+                    .values(name="smtp1", owner_pk=owner_pk, status="Enable", total_limit=9, hourly_limit=9,
+                            created_at=sent_at, updated_at=sent_at)
+                    .returning(smtp_users.c.id)
+                )
+            ).scalar_one()  # fmt: skip
+            outcome = await messages.queue_message(
+                conn, smtp_user_id=user_id, credential_version=1, queue_id="Q1", mail_from="a@example.com",
+                rcpt_tos=["b@example.com"], data=b"x", now=sent_at,
+            )  # fmt: skip
+            assert outcome == messages.Queued("Q1")
+        async with database.read() as conn:
+            window = await messages.hourly_usage(conn, smtp_user_id=user_id, now=datetime.now(UTC))
+    finally:
+        await database.close()
+    return sent_at, window
+
+
+def test_timestamps_are_utc_aware(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        sent_at, window = run(_round_trip(database_url))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert window == ((sent_at, 1),)
+    assert window[0][0].tzinfo is not None and window[0][0].utcoffset() == timedelta(0)

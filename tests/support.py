@@ -9,14 +9,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import httpx
-from sqlalchemy import make_url
+from sqlalchemy import Connection, make_url
 
 from poweremail.store import owners
 from poweremail.store.database import Database
@@ -192,15 +192,23 @@ class Owner:
         return {"owner_id": self.owner_id, "token": self.token, **params}
 
 
-async def _create_owner(database_url: str) -> Owner:
+async def _in_store(database_url: str, work: Callable[[Connection], T], *, writes: bool) -> T:
     database = Database(database_url)
     try:
-        async with database.write() as conn:
-            owner = await owners.create_owner(conn, name="test")
+        return await (database.write(work) if writes else database.read(work))
     finally:
         await database.close()
-    return Owner(owner.owner_id, owner.token)
+
+
+def store_write(database_url: str, work: Callable[[Connection], T]) -> T:
+    """Run ``work`` in a write transaction on that database, as the server's code does."""
+    return run(_in_store(database_url, work, writes=True))
+
+
+def store_read(database_url: str, work: Callable[[Connection], T]) -> T:
+    return run(_in_store(database_url, work, writes=False))
 
 
 def create_owner(database_url: str) -> Owner:
-    return run(_create_owner(database_url))
+    owner = store_write(database_url, lambda conn: owners.create_owner(conn, name="test"))
+    return Owner(owner.owner_id, owner.token)

@@ -7,9 +7,8 @@ import contextlib
 import smtplib
 from pathlib import Path
 
-from poweremail.store.database import Database
 from poweremail.store.schema import smtp_users
-from tests.support import Owner, ServerProcess, create_owner, run
+from tests.support import Owner, ServerProcess, create_owner, store_write
 
 
 def test_no_secret_reaches_the_log_at_debug_level(database_url: str, tmp_path: Path) -> None:
@@ -38,7 +37,7 @@ def test_no_secret_reaches_the_log_at_debug_level(database_url: str, tmp_path: P
         server.post("addSmtp", owner.creds(total_limit="bad", hourly_limit=owner.token))
         server.post("listSmtp", data={"owner_id": owner.owner_id, "token": owner.token, "extra": owner.token})
         server.post(f"nothing?token={owner.token}", {})
-        run(_corrupt_ciphertext(database_url, name))
+        _corrupt_ciphertext(database_url, name)
         assert server.post("listSmtp", owner.creds()).status_code == 500
         server.post("deleteSmtp", owner.creds(smtp_user_name=name))
     finally:
@@ -55,15 +54,13 @@ def test_no_secret_reaches_the_log_at_debug_level(database_url: str, tmp_path: P
         assert secret not in log
 
 
-async def _corrupt_ciphertext(database_url: str, name: str) -> None:
-    database = Database(database_url)
-    try:
-        async with database.write() as conn:
-            await conn.execute(
-                smtp_users.update().where(smtp_users.c.name == name).values(password_ciphertext=b"\0" * 40)
-            )
-    finally:
-        await database.close()
+def _corrupt_ciphertext(database_url: str, name: str) -> None:
+    store_write(
+        database_url,
+        lambda conn: conn.execute(
+            smtp_users.update().where(smtp_users.c.name == name).values(password_ciphertext=b"\0" * 40)
+        ),
+    )
 
 
 def _smtp_logins(server: ServerProcess, name: str, password: str) -> None:

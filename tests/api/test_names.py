@@ -6,11 +6,12 @@ import asyncio
 
 import httpx
 import pytest
+from sqlalchemy import Connection
 
 from poweremail.keyring import Keyring
 from poweremail.store import smtp_users
-from poweremail.store.database import Database
-from tests.support import Owner, ServerProcess, run
+from poweremail.store.owners import authenticate_owner
+from tests.support import Owner, ServerProcess, run, store_write
 
 
 async def _add_concurrently(server: ServerProcess, owners: list[Owner], count: int) -> list[httpx.Response]:
@@ -47,21 +48,15 @@ def test_a_deleted_name_is_never_issued_again(
     draws = iter([deleted, deleted, "smtp1999999999"])
     monkeypatch.setattr(smtp_users, "new_smtp_user_name", lambda: next(draws))
 
-    async def add_in_process() -> str:
-        database = Database(server.database_url)
-        keyring = Keyring.load(server.data_dir / "secret.key")
-        try:
-            async with database.write() as conn:
-                from poweremail.store.owners import authenticate_owner
+    keyring = Keyring.load(server.data_dir / "secret.key")
 
-                owner_pk = await authenticate_owner(conn, owner_id=owner.owner_id, token=owner.token)
-                assert owner_pk is not None
-                name, _ = await smtp_users.create_smtp_user(
-                    conn, owner_pk=owner_pk, keyring=keyring, total_limit=1, hourly_limit=1
-                )
-                return name
-        finally:
-            await database.close()
+    def add_in_process(conn: Connection) -> str:
+        owner_pk = authenticate_owner(conn, owner_id=owner.owner_id, token=owner.token)
+        assert owner_pk is not None
+        name, _ = smtp_users.create_smtp_user(
+            conn, owner_pk=owner_pk, keyring=keyring, total_limit=1, hourly_limit=1
+        )
+        return name
 
-    assert run(add_in_process()) == "smtp1999999999"
+    assert store_write(server.database_url, add_in_process) == "smtp1999999999"
     assert next(draws, None) is None  # both collisions were really tried

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
+from sqlalchemy import Connection
 
-from poweremail.store.database import Database
 from poweremail.store.schema import message_contents, messages, recipients
-from tests.support import Owner, ServerProcess, run
+from tests.support import Owner, ServerProcess, store_read
 
 
 @dataclass(frozen=True)
@@ -52,33 +52,23 @@ class StoredMessage:
     data: bytes
 
 
-async def _stored(database_url: str, queue_id: str) -> StoredMessage | None:
-    database = Database(database_url)
-    try:
-        async with database.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(messages.c.id, messages.c.mail_from, message_contents.c.data)
-                    .join(message_contents, message_contents.c.message_id == messages.c.id)
-                    .where(messages.c.queue_id == queue_id)
-                )
-            ).first()
-            if row is None:
-                return None
-            addresses = (
-                await conn.scalars(
-                    sa.select(recipients.c.address)
-                    .where(recipients.c.message_id == row.id)
-                    .order_by(recipients.c.id)
-                )
-            ).all()
-            return StoredMessage(row.mail_from, list(addresses), row.data)
-    finally:
-        await database.close()
-
-
 def stored_message(server: ServerProcess, queue_id: str) -> StoredMessage | None:
-    return run(_stored(server.database_url, queue_id))
+    """The message the server queued under ``queue_id``, read straight from its store."""
+
+    def read(conn: Connection) -> StoredMessage | None:
+        row = conn.execute(
+            sa.select(messages.c.id, messages.c.mail_from, message_contents.c.data)
+            .join(message_contents, message_contents.c.message_id == messages.c.id)
+            .where(messages.c.queue_id == queue_id)
+        ).first()
+        if row is None:
+            return None
+        addresses = conn.scalars(
+            sa.select(recipients.c.address).where(recipients.c.message_id == row.id).order_by(recipients.c.id)
+        ).all()
+        return StoredMessage(row.mail_from, list(addresses), row.data)
+
+    return store_read(server.database_url, read)
 
 
 def queue_id_of(reply: bytes | str) -> str:

@@ -21,8 +21,7 @@ async def _migrate_twice_and_diff(url: str) -> list[object]:
     try:
         await database.migrate()
         await database.migrate()  # idempotent
-        async with database.read() as conn:
-            return await conn.run_sync(_diff)
+        return await database.read(_diff)
     finally:
         await database.close()
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import Connection
 
 from poweremail.domain.credentials import new_smtp_password
 from poweremail.keyring import DecryptionError, Keyring, KeyringError
-from poweremail.store.database import Database
 from poweremail.store.schema import smtp_users
-from tests.support import Owner, ServerProcess, clean_env, poweremail, run
+from tests.support import Owner, ServerProcess, clean_env, poweremail, store_read, store_write
 
 
 def _all_bytes_under(directory: Path) -> bytes:
@@ -38,19 +38,14 @@ def test_no_password_or_token_is_stored_in_plain_bytes(server: ServerProcess, ow
 def test_stored_columns_hold_no_plaintext(server: ServerProcess, owner: Owner) -> None:
     password = server.post("addSmtp", owner.creds(total_limit=5, hourly_limit=5)).json()["smtp_password"]
 
-    async def dump() -> list[bytes]:
-        database = Database(server.database_url)
-        try:
-            async with database.read() as conn:
-                rows = await conn.execute(
-                    sa.text("SELECT * FROM smtp_users UNION ALL SELECT * FROM smtp_users")
-                )
-                owners_rows = await conn.execute(sa.text("SELECT * FROM owners"))
-                return [repr(tuple(r)).encode() for r in [*rows, *owners_rows]]
-        finally:
-            await database.close()
+    def dump(conn: Connection) -> list[bytes]:
+        rows = (
+            conn.execute(sa.text("SELECT * FROM smtp_users")).all()
+            + conn.execute(sa.text("SELECT * FROM owners")).all()
+        )
+        return [repr(tuple(row)).encode() for row in rows]
 
-    dumped = b"".join(run(dump()))
+    dumped = b"".join(store_read(server.database_url, dump))
     assert password.encode() not in dumped
     assert owner.token.encode() not in dumped
 
@@ -59,20 +54,13 @@ def test_a_ciphertext_moved_to_another_row_does_not_decrypt(server: ServerProces
     first = server.post("addSmtp", owner.creds(total_limit=5, hourly_limit=5)).json()["smtp_user_name"]
     second = server.post("addSmtp", owner.creds(total_limit=5, hourly_limit=5)).json()["smtp_user_name"]
 
-    async def swap() -> None:
-        database = Database(server.database_url)
-        try:
-            async with database.write() as conn:
-                stolen = await conn.scalar(
-                    sa.select(smtp_users.c.password_ciphertext).where(smtp_users.c.name == first)
-                )
-                await conn.execute(
-                    smtp_users.update().where(smtp_users.c.name == second).values(password_ciphertext=stolen)
-                )
-        finally:
-            await database.close()
+    def swap(conn: Connection) -> None:
+        stolen = conn.scalar(sa.select(smtp_users.c.password_ciphertext).where(smtp_users.c.name == first))
+        conn.execute(
+            smtp_users.update().where(smtp_users.c.name == second).values(password_ciphertext=stolen)
+        )
 
-    run(swap())
+    store_write(server.database_url, swap)
     response = server.post("listSmtp", owner.creds())
     assert response.status_code == 500
     body = response.json()

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection
 
 from poweremail.api.body import FORM_CONTENT_TYPE, parse_body
 from poweremail.api.models import (
@@ -96,15 +96,15 @@ def settings_call(
     return register
 
 
-async def _owner_pk(conn: AsyncConnection, params: Any) -> int:
-    owner_pk = await owners.authenticate_owner(conn, owner_id=params.owner_id, token=params.token)
+def _owner_pk(conn: Connection, params: Any) -> int:
+    owner_pk = owners.authenticate_owner(conn, owner_id=params.owner_id, token=params.token)
     if owner_pk is None:
         raise AuthenticationError()
     return owner_pk
 
 
-async def _smtp_user_id(conn: AsyncConnection, owner_pk: int, name: str) -> int:
-    smtp_user_id = await smtp_users.find_smtp_user_id(conn, owner_pk=owner_pk, name=name)
+def _smtp_user_id(conn: Connection, owner_pk: int, name: str) -> int:
+    smtp_user_id = smtp_users.find_smtp_user_id(conn, owner_pk=owner_pk, name=name)
     if smtp_user_id is None:
         # The same answer for another owner's user and for none at all (SPEC §2).
         raise ValidationError(f"smtp_user_name {name!r} names no SMTP user of this owner")
@@ -123,15 +123,17 @@ _CREDENTIALS = {"owner_id": "example id", "token": "example token"}
 )
 async def add_smtp(params: AddSmtpRequest, services: Services) -> dict[str, Any]:
     """Creates an enabled SMTP user with a generated name and password, both returned."""
-    async with services.database.write() as conn:
-        owner_pk = await _owner_pk(conn, params)
-        name, password = await smtp_users.create_smtp_user(
+
+    def work(conn: Connection) -> tuple[str, str]:
+        return smtp_users.create_smtp_user(
             conn,
-            owner_pk=owner_pk,
+            owner_pk=_owner_pk(conn, params),
             keyring=services.keyring,
             total_limit=params.total_limit,
             hourly_limit=params.hourly_limit,
         )
+
+    name, password = await services.database.write(work)
     return {"message": "SMTP User Created", "smtp_user_name": name, "smtp_password": password}
 
 
@@ -151,16 +153,17 @@ async def add_smtp(params: AddSmtpRequest, services: Services) -> dict[str, Any]
 async def edit_smtp(params: EditSmtpRequest, services: Services) -> dict[str, Any]:
     """Sets the total limit, and the hourly limit and status when given. Lowering a limit below what
     was already sent is allowed: the user simply cannot send more."""
-    async with services.database.write() as conn:
-        owner_pk = await _owner_pk(conn, params)
-        smtp_user_id = await _smtp_user_id(conn, owner_pk, params.smtp_user_name)
-        await smtp_users.update_smtp_user(
+
+    def work(conn: Connection) -> None:
+        smtp_users.update_smtp_user(
             conn,
-            smtp_user_id=smtp_user_id,
+            smtp_user_id=_smtp_user_id(conn, _owner_pk(conn, params), params.smtp_user_name),
             total_limit=params.total_limit,
             hourly_limit=params.hourly_limit,
             status=params.status,
         )
+
+    await services.database.write(work)
     return {"message": "SMTP User Updated"}
 
 
@@ -173,12 +176,16 @@ async def edit_smtp(params: EditSmtpRequest, services: Services) -> dict[str, An
 )
 async def reset_smtp_password(params: ResetSmtpPasswordRequest, services: Services) -> dict[str, Any]:
     """Issues a new password; the old one stops logging in at once."""
-    async with services.database.write() as conn:
-        owner_pk = await _owner_pk(conn, params)
-        smtp_user_id = await _smtp_user_id(conn, owner_pk, params.smtp_user_name)
-        password = await smtp_users.reset_smtp_password(
-            conn, smtp_user_id=smtp_user_id, name=params.smtp_user_name, keyring=services.keyring
+
+    def work(conn: Connection) -> str:
+        return smtp_users.reset_smtp_password(
+            conn,
+            smtp_user_id=_smtp_user_id(conn, _owner_pk(conn, params), params.smtp_user_name),
+            name=params.smtp_user_name,
+            keyring=services.keyring,
         )
+
+    password = await services.database.write(work)
     # "reseted" is the document's word; clients may match on it.
     return {"message": "password reseted", "smtp_user_name": params.smtp_user_name, "smtp_password": password}
 
@@ -186,9 +193,11 @@ async def reset_smtp_password(params: ResetSmtpPasswordRequest, services: Servic
 @settings_call("listSmtp", ListSmtpRequest, ListSmtpResponse, summary="List SMTP users", example=_CREDENTIALS)
 async def list_smtp(params: ListSmtpRequest, services: Services) -> dict[str, Any]:
     """This owner's SMTP users, oldest first, with passwords, limits and usage."""
-    async with services.database.read() as conn:
-        owner_pk = await _owner_pk(conn, params)
-        listing = await smtp_users.list_smtp_users(conn, owner_pk=owner_pk, keyring=services.keyring)
+
+    def work(conn: Connection) -> list[smtp_users.SmtpUserListing]:
+        return smtp_users.list_smtp_users(conn, owner_pk=_owner_pk(conn, params), keyring=services.keyring)
+
+    listing = await services.database.read(work)
     return {
         "message": f"{len(listing)} SMTP user{'' if len(listing) == 1 else 's'}",
         "smtp_list": [
@@ -216,8 +225,11 @@ async def list_smtp(params: ListSmtpRequest, services: Services) -> dict[str, An
 async def delete_smtp(params: DeleteSmtpRequest, services: Services) -> dict[str, Any]:
     """Stops the user's logins at once; mail it already queued is still delivered. Its name is never
     issued again."""
-    async with services.database.write() as conn:
-        owner_pk = await _owner_pk(conn, params)
-        smtp_user_id = await _smtp_user_id(conn, owner_pk, params.smtp_user_name)
-        await smtp_users.delete_smtp_user(conn, smtp_user_id=smtp_user_id)
+
+    def work(conn: Connection) -> None:
+        smtp_users.delete_smtp_user(
+            conn, smtp_user_id=_smtp_user_id(conn, _owner_pk(conn, params), params.smtp_user_name)
+        )
+
+    await services.database.write(work)
     return {"message": "SMTP User Deleted"}

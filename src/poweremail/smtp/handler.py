@@ -109,10 +109,10 @@ class SubmissionHandler:
         if self._throttle.is_blocked(server.client_host):
             return AuthResult(success=False, handled=False, message=replies.AUTH_THROTTLED)
         try:
-            async with self._services.database.read() as conn:
-                candidate = await smtp_users.find_login(
-                    conn, name=login.decode("utf-8", "replace"), keyring=self._services.keyring
-                )
+            name = login.decode("utf-8", "replace")
+            candidate = await self._services.database.read(
+                lambda conn: smtp_users.find_login(conn, name=name, keyring=self._services.keyring)
+            )
         except (*_STORE_ERRORS, DecryptionError):
             logger.exception("login check failed for a client at %s", server.client_host)
             return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPORARY_FAILURE)
@@ -158,10 +158,10 @@ class SubmissionHandler:
     ) -> str:
         identity = _identity(session)
         try:
-            async with self._services.database.read() as conn:
-                state = await messages.sender_state(
-                    conn, smtp_user_id=identity.smtp_user_id, now=datetime.now(UTC)
-                )
+            now = datetime.now(UTC)
+            state = await self._services.database.read(
+                lambda conn: messages.sender_state(conn, smtp_user_id=identity.smtp_user_id, now=now)
+            )
         except _STORE_ERRORS:
             logger.exception("could not read the state of %s", identity.name)
             return replies.STORE_UNAVAILABLE
@@ -218,19 +218,21 @@ class SubmissionHandler:
             now=now,
         )
         data = stamp(envelope.original_content, received=received, hostname=self._hostname, queue_id=queue_id)
+        # aiosmtpd keeps the null sender as "<>" (an empty value would mean "no MAIL yet").
+        mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
         try:
-            async with self._services.database.write() as conn:
-                outcome = await messages.queue_message(
+            outcome = await self._services.database.write(
+                lambda conn: messages.queue_message(
                     conn,
                     smtp_user_id=identity.smtp_user_id,
                     credential_version=identity.credential_version,
                     queue_id=queue_id,
-                    # aiosmtpd keeps the null sender as "<>" (an empty value would mean "no MAIL yet").
-                    mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
+                    mail_from=mail_from,
                     rcpt_tos=envelope.rcpt_tos,
                     data=data,
                     now=now,
                 )
+            )
         except _STORE_ERRORS:
             logger.exception("could not queue a message of %s", identity.name)
             return replies.STORE_UNAVAILABLE

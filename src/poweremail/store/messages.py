@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection
 
 from poweremail.domain.limits import HOURLY_WINDOW, Limits, OverLimit, Usage, check_limits
 from poweremail.store.schema import message_contents, messages, owners, recipients, smtp_users
@@ -37,10 +37,8 @@ class CredentialsRevoked:
 QueueOutcome = Queued | OverLimit | CredentialsRevoked
 
 
-async def hourly_usage(
-    conn: AsyncConnection, *, smtp_user_id: int, now: datetime
-) -> tuple[tuple[datetime, int], ...]:
-    rows = await conn.execute(
+def hourly_usage(conn: Connection, *, smtp_user_id: int, now: datetime) -> tuple[tuple[datetime, int], ...]:
+    rows = conn.execute(
         sa.select(messages.c.accepted_at, messages.c.recipient_count)
         .where(messages.c.smtp_user_id == smtp_user_id, messages.c.accepted_at > now - HOURLY_WINDOW)
         .order_by(messages.c.accepted_at)
@@ -48,8 +46,8 @@ async def hourly_usage(
     return tuple((accepted_at, count) for accepted_at, count in rows)
 
 
-async def sender_state(
-    conn: AsyncConnection, *, smtp_user_id: int, now: datetime, lock: bool = False
+def sender_state(
+    conn: Connection, *, smtp_user_id: int, now: datetime, lock: bool = False
 ) -> SenderState | None:
     """The user's status, limits and usage; ``lock`` holds its row until the transaction ends.
 
@@ -72,7 +70,7 @@ async def sender_state(
     )
     if lock:
         query = query.with_for_update(of=smtp_users)
-    row = (await conn.execute(query)).first()
+    row = (conn.execute(query)).first()
     if row is None:
         return None
     return SenderState(
@@ -81,13 +79,13 @@ async def sender_state(
         limits=Limits(total_limit=row.total_limit, hourly_limit=row.hourly_limit),
         usage=Usage(
             sent_total=row.sent_total,
-            last_hour=await hourly_usage(conn, smtp_user_id=smtp_user_id, now=now),
+            last_hour=hourly_usage(conn, smtp_user_id=smtp_user_id, now=now),
         ),
     )
 
 
-async def queue_message(
-    conn: AsyncConnection,
+def queue_message(
+    conn: Connection,
     *,
     smtp_user_id: int,
     credential_version: int,
@@ -99,14 +97,14 @@ async def queue_message(
 ) -> QueueOutcome:
     """In the caller's write transaction: check the limits under the user's row lock, then queue
     the message and count its recipients. Nothing is written unless everything is."""
-    state = await sender_state(conn, smtp_user_id=smtp_user_id, now=now, lock=True)
+    state = sender_state(conn, smtp_user_id=smtp_user_id, now=now, lock=True)
     if state is None or not state.may_send or state.credential_version != credential_version:
         return CredentialsRevoked()
     refusal = check_limits(limits=state.limits, usage=state.usage, recipients=len(rcpt_tos))
     if refusal is not None:
         return refusal
     message_id = (
-        await conn.execute(
+        conn.execute(
             messages.insert()
             .values(
                 queue_id=queue_id,
@@ -119,11 +117,9 @@ async def queue_message(
             .returning(messages.c.id)
         )
     ).scalar_one()
-    await conn.execute(message_contents.insert().values(message_id=message_id, data=data))
-    await conn.execute(
-        recipients.insert(), [{"message_id": message_id, "address": rcpt} for rcpt in rcpt_tos]
-    )
-    await conn.execute(
+    conn.execute(message_contents.insert().values(message_id=message_id, data=data))
+    conn.execute(recipients.insert(), [{"message_id": message_id, "address": rcpt} for rcpt in rcpt_tos])
+    conn.execute(
         smtp_users.update()
         .where(smtp_users.c.id == smtp_user_id)
         .values(sent_total=smtp_users.c.sent_total + len(rcpt_tos))

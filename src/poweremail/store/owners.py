@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection
 
 from poweremail.domain.credentials import (
     DUMMY_TOKEN_HASH,
@@ -33,9 +33,9 @@ class OwnerSummary:
     smtp_user_count: int
 
 
-async def create_owner(conn: AsyncConnection, *, name: str | None = None) -> NewOwner:
+def create_owner(conn: Connection, *, name: str | None = None) -> NewOwner:
     owner = NewOwner(owner_id=new_owner_id(), token=new_owner_token())
-    await conn.execute(
+    conn.execute(
         owners.insert().values(
             owner_id=owner.owner_id,
             name=name,
@@ -47,13 +47,13 @@ async def create_owner(conn: AsyncConnection, *, name: str | None = None) -> New
     return owner
 
 
-async def authenticate_owner(conn: AsyncConnection, *, owner_id: str, token: str) -> int | None:
+def authenticate_owner(conn: Connection, *, owner_id: str, token: str) -> int | None:
     """The owner's primary key if ``token`` is this active owner's token, else ``None``.
 
     An unknown owner is compared against a dummy hash so both failures take the same time.
     """
     row = (
-        await conn.execute(
+        conn.execute(
             sa.select(owners.c.id, owners.c.token_sha256, owners.c.is_active).where(
                 owners.c.owner_id == owner_id
             )
@@ -67,10 +67,10 @@ async def authenticate_owner(conn: AsyncConnection, *, owner_id: str, token: str
     return int(row.id)
 
 
-async def rotate_owner_token(conn: AsyncConnection, *, owner_id: str) -> str | None:
+def rotate_owner_token(conn: Connection, *, owner_id: str) -> str | None:
     """Issue a new token (the old one stops working at once); ``None`` if there is no such owner."""
     token = new_owner_token()
-    result = await conn.execute(
+    result = conn.execute(
         owners.update()
         .where(owners.c.owner_id == owner_id)
         .values(token_sha256=hash_owner_token(token), token_rotated_at=datetime.now(UTC))
@@ -78,13 +78,13 @@ async def rotate_owner_token(conn: AsyncConnection, *, owner_id: str) -> str | N
     return token if result.rowcount == 1 else None
 
 
-async def list_owners(conn: AsyncConnection) -> list[OwnerSummary]:
+def list_owners(conn: Connection) -> list[OwnerSummary]:
     live_users = (
         sa.select(sa.func.count())
         .where(smtp_users.c.owner_pk == owners.c.id, smtp_users.c.deleted_at.is_(None))
         .scalar_subquery()
     )
-    rows = await conn.execute(
+    rows = conn.execute(
         sa.select(
             owners.c.owner_id, owners.c.name, owners.c.is_active, owners.c.created_at, live_users
         ).order_by(owners.c.id)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from poweremail.domain.credentials import new_smtp_password, new_smtp_user_name
 from poweremail.domain.limits import HOURLY_WINDOW
@@ -37,13 +37,13 @@ class SmtpUserListing:
     sent_last_hour: int
 
 
-def _insert_ignoring_name_conflict(conn: AsyncConnection) -> sa.Insert:
+def _insert_ignoring_name_conflict(conn: Connection) -> sa.Insert:
     insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     return insert(smtp_users).on_conflict_do_nothing(index_elements=["name"])
 
 
-async def create_smtp_user(
-    conn: AsyncConnection, *, owner_pk: int, keyring: Keyring, total_limit: int, hourly_limit: int
+def create_smtp_user(
+    conn: Connection, *, owner_pk: int, keyring: Keyring, total_limit: int, hourly_limit: int
 ) -> tuple[str, str]:
     """Create an enabled SMTP user; return its ``(name, password)``."""
     password = new_smtp_password()
@@ -53,7 +53,7 @@ async def create_smtp_user(
         key_id, ciphertext = keyring.encrypt_password(password, smtp_user_name=name)
         # ON CONFLICT DO NOTHING rather than catching IntegrityError: on PostgreSQL an error would
         # abort the whole transaction; here a taken name simply inserts no row and we draw again.
-        result = await conn.execute(
+        result = conn.execute(
             _insert_ignoring_name_conflict(conn)
             .values(
                 name=name,
@@ -73,9 +73,9 @@ async def create_smtp_user(
     raise NameSpaceExhaustedError("could not draw an unused SMTP user name")
 
 
-async def find_smtp_user_id(conn: AsyncConnection, *, owner_pk: int, name: str) -> int | None:
+def find_smtp_user_id(conn: Connection, *, owner_pk: int, name: str) -> int | None:
     """The id of this owner's live SMTP user called ``name``; ``None`` for another owner's or none."""
-    return await conn.scalar(
+    return conn.scalar(
         sa.select(smtp_users.c.id).where(
             smtp_users.c.name == name,
             smtp_users.c.owner_pk == owner_pk,
@@ -84,8 +84,8 @@ async def find_smtp_user_id(conn: AsyncConnection, *, owner_pk: int, name: str) 
     )
 
 
-async def update_smtp_user(
-    conn: AsyncConnection,
+def update_smtp_user(
+    conn: Connection,
     *,
     smtp_user_id: int,
     total_limit: int,
@@ -97,15 +97,13 @@ async def update_smtp_user(
         values["hourly_limit"] = hourly_limit
     if status is not None:
         values["status"] = status
-    await conn.execute(smtp_users.update().where(smtp_users.c.id == smtp_user_id).values(**values))
+    conn.execute(smtp_users.update().where(smtp_users.c.id == smtp_user_id).values(**values))
 
 
-async def reset_smtp_password(
-    conn: AsyncConnection, *, smtp_user_id: int, name: str, keyring: Keyring
-) -> str:
+def reset_smtp_password(conn: Connection, *, smtp_user_id: int, name: str, keyring: Keyring) -> str:
     password = new_smtp_password()
     key_id, ciphertext = keyring.encrypt_password(password, smtp_user_name=name)
-    await conn.execute(
+    conn.execute(
         smtp_users.update()
         .where(smtp_users.c.id == smtp_user_id)
         .values(
@@ -118,10 +116,10 @@ async def reset_smtp_password(
     return password
 
 
-async def delete_smtp_user(conn: AsyncConnection, *, smtp_user_id: int) -> None:
+def delete_smtp_user(conn: Connection, *, smtp_user_id: int) -> None:
     """Soft delete: the row stays so the name is never issued again; the password is erased."""
     now = datetime.now(UTC)
-    await conn.execute(
+    conn.execute(
         smtp_users.update()
         .where(smtp_users.c.id == smtp_user_id)
         .values(
@@ -134,7 +132,7 @@ async def delete_smtp_user(conn: AsyncConnection, *, smtp_user_id: int) -> None:
     )
 
 
-async def list_smtp_users(conn: AsyncConnection, *, owner_pk: int, keyring: Keyring) -> list[SmtpUserListing]:
+def list_smtp_users(conn: Connection, *, owner_pk: int, keyring: Keyring) -> list[SmtpUserListing]:
     """This owner's live SMTP users, oldest first, with their passwords and usage."""
     sent_last_hour = (
         sa.select(sa.func.coalesce(sa.func.sum(messages.c.recipient_count), 0))
@@ -144,7 +142,7 @@ async def list_smtp_users(conn: AsyncConnection, *, owner_pk: int, keyring: Keyr
         )
         .scalar_subquery()
     )
-    rows = await conn.execute(
+    rows = conn.execute(
         sa.select(
             smtp_users.c.name,
             smtp_users.c.password_ciphertext,
@@ -174,10 +172,10 @@ async def list_smtp_users(conn: AsyncConnection, *, owner_pk: int, keyring: Keyr
     ]
 
 
-async def reencrypt_passwords(conn: AsyncConnection, *, keyring: Keyring, batch: int = 500) -> int:
+def reencrypt_passwords(conn: Connection, *, keyring: Keyring, batch: int = 500) -> int:
     """Move up to ``batch`` passwords not under the primary key onto it; return how many moved."""
     rows = (
-        await conn.execute(
+        conn.execute(
             sa.select(
                 smtp_users.c.id,
                 smtp_users.c.name,
@@ -196,7 +194,7 @@ async def reencrypt_passwords(conn: AsyncConnection, *, keyring: Keyring, batch:
             row.password_key_id, row.password_ciphertext, smtp_user_name=row.name
         )
         key_id, ciphertext = keyring.encrypt_password(password, smtp_user_name=row.name)
-        await conn.execute(
+        conn.execute(
             smtp_users.update()
             .where(smtp_users.c.id == row.id)
             .values(password_ciphertext=ciphertext, password_key_id=key_id)
@@ -213,10 +211,10 @@ class LoginCandidate:
     may_send: bool
 
 
-async def find_login(conn: AsyncConnection, *, name: str, keyring: Keyring) -> LoginCandidate | None:
+def find_login(conn: Connection, *, name: str, keyring: Keyring) -> LoginCandidate | None:
     """The live SMTP user called ``name``, with its decrypted password, for the SMTP AUTH check."""
     row = (
-        await conn.execute(
+        conn.execute(
             sa.select(
                 smtp_users.c.id,
                 smtp_users.c.password_ciphertext,

@@ -28,8 +28,7 @@ def _run(connection: Connection) -> None:
 async def _run_standalone() -> None:
     database = Database(os.environ.get("POWEREMAIL_DATABASE_URL", "sqlite:///data/poweremail.sqlite3"))
     try:
-        async with database.write() as conn:
-            await conn.run_sync(_run)
+        await database.write(_run)
     finally:
         await database.close()
 

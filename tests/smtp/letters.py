@@ -14,11 +14,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import sqlalchemy as sa
+from sqlalchemy import Connection
 
-from poweremail.store.database import Database
 from poweremail.store.schema import message_contents, messages, recipients, smtp_users
 from tests.smtp.helpers import SmtpUser
-from tests.support import run
+from tests.support import store_read
 
 QUEUED_PREFIX = "250 2.0.0 Ok: queued as "
 
@@ -122,37 +122,30 @@ class QueuedMessage:
     accepted_at: datetime
 
 
-async def _queued_messages(database_url: str, smtp_user_name: str) -> dict[str, QueuedMessage]:
-    database = Database(database_url)
-    try:
-        async with database.read() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(
-                        messages.c.id,
-                        messages.c.queue_id,
-                        messages.c.recipient_count,
-                        messages.c.accepted_at,
-                        message_contents.c.data,
-                    )
-                    .select_from(
-                        messages.join(smtp_users, smtp_users.c.id == messages.c.smtp_user_id).outerjoin(
-                            message_contents, message_contents.c.message_id == messages.c.id
-                        )
-                    )
-                    .where(smtp_users.c.name == smtp_user_name)
-                )
-            ).all()
-            addresses: dict[int, list[str]] = {row.id: [] for row in rows}
-            if addresses:
-                for message_id, address in await conn.execute(
-                    sa.select(recipients.c.message_id, recipients.c.address)
-                    .where(recipients.c.message_id.in_(addresses))
-                    .order_by(recipients.c.id)
-                ):
-                    addresses[message_id].append(address)
-    finally:
-        await database.close()
+def _queued_messages(conn: Connection, smtp_user_name: str) -> dict[str, QueuedMessage]:
+    rows = conn.execute(
+        sa.select(
+            messages.c.id,
+            messages.c.queue_id,
+            messages.c.recipient_count,
+            messages.c.accepted_at,
+            message_contents.c.data,
+        )
+        .select_from(
+            messages.join(smtp_users, smtp_users.c.id == messages.c.smtp_user_id).outerjoin(
+                message_contents, message_contents.c.message_id == messages.c.id
+            )
+        )
+        .where(smtp_users.c.name == smtp_user_name)
+    ).all()
+    addresses: dict[int, list[str]] = {row.id: [] for row in rows}
+    if addresses:
+        for message_id, address in conn.execute(
+            sa.select(recipients.c.message_id, recipients.c.address)
+            .where(recipients.c.message_id.in_(addresses))
+            .order_by(recipients.c.id)
+        ):
+            addresses[message_id].append(address)
     return {
         row.queue_id: QueuedMessage(
             row.queue_id, row.recipient_count, tuple(addresses[row.id]), row.data, row.accepted_at
@@ -163,7 +156,7 @@ async def _queued_messages(database_url: str, smtp_user_name: str) -> dict[str, 
 
 def queued_messages(database_url: str, user: SmtpUser) -> dict[str, QueuedMessage]:
     """Every message of ``user`` in the database, by queue id, read directly from the tables."""
-    return run(_queued_messages(database_url, user.name))
+    return store_read(database_url, lambda conn: _queued_messages(conn, user.name))
 
 
 def assert_queued_as_acknowledged(stored: dict[str, QueuedMessage], acknowledged: Sequence[Outcome]) -> None:

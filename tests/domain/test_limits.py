@@ -2,53 +2,38 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import pytest
 
 from poweremail.domain.limits import Limits, OverLimit, Usage, check_limits, parse_limit
 
-NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-
-
-def _usage(total: int, *hour: tuple[int, int]) -> Usage:
-    """``hour``: (minutes ago, recipients) pairs, oldest first."""
-    return Usage(total, tuple((NOW - timedelta(minutes=ago), count) for ago, count in hour))
-
 
 def test_within_both_limits() -> None:
-    assert check_limits(limits=Limits(10, 5), usage=_usage(4, (30, 4)), recipients=1) is None
+    assert check_limits(limits=Limits(10, 5), usage=Usage(4, 4), recipients=1) is None
 
 
 def test_the_hourly_edge_is_exact() -> None:
     limits = Limits(100, 5)
-    assert check_limits(limits=limits, usage=_usage(3, (10, 3)), recipients=2) is None
-    refusal = check_limits(limits=limits, usage=_usage(3, (10, 3)), recipients=3)
-    assert refusal == OverLimit("hourly", resume_at=NOW - timedelta(minutes=10) + timedelta(hours=1))
-
-
-def test_resume_is_when_enough_of_the_window_has_expired() -> None:
-    # 2 + 2 + 1 sent; limit 5; 3 more need 3 freed: the two oldest messages (4 recipients).
-    usage = _usage(5, (50, 2), (40, 2), (5, 1))
-    refusal = check_limits(limits=Limits(100, 5), usage=usage, recipients=3)
-    assert refusal == OverLimit("hourly", resume_at=NOW + timedelta(minutes=20))
+    assert check_limits(limits=limits, usage=Usage(3, 3), recipients=2) is None
+    assert check_limits(limits=limits, usage=Usage(3, 3), recipients=3) == OverLimit("hourly", excess=1)
+    assert check_limits(limits=limits, usage=Usage(50, 5), recipients=2) == OverLimit("hourly", excess=2)
 
 
 def test_the_total_limit_is_checked_first_and_is_exact() -> None:
-    assert check_limits(limits=Limits(5, 100), usage=_usage(4), recipients=1) is None
-    assert check_limits(limits=Limits(5, 100), usage=_usage(4), recipients=2) == OverLimit("total")
-    assert check_limits(limits=Limits(5, 1), usage=_usage(5, (1, 1)), recipients=1) == OverLimit("total")
+    assert check_limits(limits=Limits(5, 100), usage=Usage(4, 0), recipients=1) is None
+    assert check_limits(limits=Limits(5, 100), usage=Usage(4, 0), recipients=2) == OverLimit("total")
+    assert check_limits(limits=Limits(5, 1), usage=Usage(5, 1), recipients=1) == OverLimit("total")
 
 
 def test_more_recipients_than_the_hourly_limit_can_never_go_together() -> None:
-    assert check_limits(limits=Limits(100, 2), usage=_usage(0), recipients=3) == OverLimit("hourly", None)
+    assert check_limits(limits=Limits(100, 2), usage=Usage(0, 0), recipients=3) == OverLimit(
+        "hourly", excess=0
+    )
 
 
-def test_recipients_of_the_open_transaction_count_as_sent_now() -> None:
-    pending = _usage(0).plus(2, at=NOW)
-    assert pending.sent_total == 2 and pending.sent_last_hour == 2
-    refusal = check_limits(limits=Limits(100, 2), usage=pending, recipients=1)
-    assert refusal == OverLimit("hourly", resume_at=NOW + timedelta(hours=1))
+def test_recipients_of_the_open_transaction_count_as_sent() -> None:
+    pending = Usage(7, 1).plus(2)
+    assert pending == Usage(9, 3)
+    assert check_limits(limits=Limits(100, 3), usage=pending, recipients=1) == OverLimit("hourly", excess=1)
 
 
 @pytest.mark.parametrize("value", [1, 2147483647, "1", "0002147483647"])

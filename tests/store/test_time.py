@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Connection
 
+from poweremail.domain.limits import Usage
 from poweremail.store import messages, owners
 from poweremail.store.database import Database
 from poweremail.store.schema import smtp_users
@@ -22,7 +23,7 @@ async def _migrate(url: str) -> None:
         await database.close()
 
 
-def _round_trip(url: str) -> tuple[datetime, tuple[tuple[datetime, int], ...]]:
+def _round_trip(url: str) -> tuple[datetime, datetime]:
     sent_at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
 
     def send(conn: Connection) -> int:
@@ -43,19 +44,23 @@ def _round_trip(url: str) -> tuple[datetime, tuple[tuple[datetime, int], ...]]:
 
     run(_migrate(url))
     user_id = store_write(url, send)
-    window = store_read(
-        url, lambda conn: messages.hourly_usage(conn, smtp_user_id=user_id, now=datetime.now(UTC))
+    resume_at = store_read(
+        url,
+        lambda conn: messages.hourly_resume_at(
+            conn, smtp_user_id=user_id, usage=Usage(1, 1), excess=1, now=datetime.now(UTC)
+        ),
     )
-    return sent_at, window
+    return sent_at, resume_at
 
 
 def test_timestamps_are_utc_aware(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TZ", "America/New_York")
     time.tzset()
     try:
-        sent_at, window = _round_trip(database_url)
+        sent_at, resume_at = _round_trip(database_url)
     finally:
         monkeypatch.undo()
         time.tzset()
-    assert window == ((sent_at, 1),)
-    assert window[0][0].tzinfo is not None and window[0][0].utcoffset() == timedelta(0)
+    # Sending resumes an hour after the one message left the window: read back as UTC, not local.
+    assert resume_at == sent_at + timedelta(hours=1)
+    assert resume_at.tzinfo is not None and resume_at.utcoffset() == timedelta(0)

@@ -38,22 +38,15 @@ HOURLY_WINDOW = timedelta(hours=1)
 
 @dataclass(frozen=True)
 class Usage:
-    """What an SMTP user has sent: over its life, and per message within the last hour."""
+    """Recipients an SMTP user has sent: over its life, and within the rolling hour."""
 
     sent_total: int
-    # (accepted_at, recipients) of each message in the rolling hour, oldest first.
-    last_hour: tuple[tuple[datetime, int], ...] = ()
+    sent_last_hour: int
 
-    @property
-    def sent_last_hour(self) -> int:
-        return sum(count for _, count in self.last_hour)
-
-    def plus(self, recipients: int, *, at: datetime) -> Usage:
-        """This usage with ``recipients`` more sent at ``at``: how an SMTP transaction's accepted
+    def plus(self, recipients: int) -> Usage:
+        """This usage with ``recipients`` more sent now: how an SMTP transaction's accepted
         recipients count while it checks the next one (they will be sent together)."""
-        if recipients == 0:
-            return self
-        return Usage(self.sent_total + recipients, (*self.last_hour, (at, recipients)))
+        return Usage(self.sent_total + recipients, self.sent_last_hour + recipients)
 
 
 @dataclass(frozen=True)
@@ -67,8 +60,10 @@ class OverLimit:
     """Why ``recipients`` more cannot be sent now."""
 
     which: Literal["total", "hourly"]
-    # For the hourly limit: when enough of the window will have expired; None if never (the
-    # message alone has more recipients than the hourly limit).
+    # Hourly: how many recipients sent within the hour must expire before these fit; 0 if they
+    # never fit (more recipients in one message than the hourly limit).
+    excess: int = 0
+    # Hourly: when that will be; filled in by the store, which knows when each was sent.
     resume_at: datetime | None = None
 
 
@@ -83,10 +78,5 @@ def check_limits(*, limits: Limits, usage: Usage, recipients: int) -> OverLimit 
     if excess <= 0:
         return None
     if recipients > limits.hourly_limit:
-        return OverLimit("hourly", resume_at=None)
-    freed = 0
-    for accepted_at, count in usage.last_hour:
-        freed += count
-        if freed >= excess:
-            return OverLimit("hourly", resume_at=accepted_at + HOURLY_WINDOW)
-    raise AssertionError("the window holds more than the excess, so the loop returns")  # pragma: no cover
+        return OverLimit("hourly", excess=0)
+    return OverLimit("hourly", excess=excess)

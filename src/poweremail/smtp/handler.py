@@ -11,14 +11,14 @@ import asyncio
 import hmac
 import logging
 from base64 import b64decode
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope
 from sqlalchemy.exc import SQLAlchemyError
 
 from poweremail.domain.credentials import new_smtp_password
-from poweremail.domain.limits import OverLimit, check_limits
+from poweremail.domain.limits import HOURLY_WINDOW, OverLimit, check_limits
 from poweremail.domain.throttle import FailedLoginThrottle
 from poweremail.keyring import DecryptionError
 from poweremail.services import Services
@@ -192,9 +192,12 @@ class SubmissionHandler:
         # The early check, against usage read at MAIL; the authoritative one is at the end of DATA.
         # The recipients already accepted count as sent now: one more that does not fit beside them
         # can still go in a later message, so it is deferred (451), not refused for good.
-        usage = state.usage.plus(len(envelope.rcpt_tos), at=datetime.now(UTC))
-        refusal = check_limits(limits=state.limits, usage=usage, recipients=1)
+        refusal = check_limits(
+            limits=state.limits, usage=state.usage.plus(len(envelope.rcpt_tos)), recipients=1
+        )
         if refusal is not None:
+            if refusal.which == "hourly":
+                refusal = await self._with_resume_time(refusal, session, state)
             return self._limit_reply(refusal, state)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -250,11 +253,30 @@ class SubmissionHandler:
         session.authenticated = False
         return replies.CREDENTIALS_REVOKED
 
+    async def _with_resume_time(
+        self, refusal: OverLimit, session: SubmissionSession, state: messages.SenderState
+    ) -> OverLimit:
+        identity, now = _identity(session), datetime.now(UTC)
+        try:
+            resume_at = await self._services.database.read(
+                lambda conn: messages.hourly_resume_at(
+                    conn,
+                    smtp_user_id=identity.smtp_user_id,
+                    usage=state.usage,
+                    excess=refusal.excess,
+                    now=now,
+                )
+            )
+        except _STORE_ERRORS:
+            logger.exception("could not read the hourly window of %s", identity.name)
+            resume_at = now + HOURLY_WINDOW  # the latest it can be
+        return replace(refusal, resume_at=resume_at)
+
     @staticmethod
     def _limit_reply(refusal: OverLimit, state: messages.SenderState) -> str:
         if refusal.which == "total":
             return replies.TOTAL_LIMIT.format(limit=state.limits.total_limit)
-        if refusal.resume_at is None:
+        if refusal.excess == 0 or refusal.resume_at is None:
             return replies.HOURLY_LIMIT_NEVER.format(limit=state.limits.hourly_limit)
         resume_at = (
             refusal.resume_at.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")

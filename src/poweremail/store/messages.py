@@ -4,7 +4,7 @@ message (SPEC §3: "a message is either queued and counted, or neither"), and th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -22,6 +22,7 @@ class SenderState:
     credential_version: int
     limits: Limits
     usage: Usage
+    last_accepted_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,33 @@ class CredentialsRevoked:
 QueueOutcome = Queued | OverLimit | CredentialsRevoked
 
 
-def hourly_usage(conn: Connection, *, smtp_user_id: int, now: datetime) -> tuple[tuple[datetime, int], ...]:
-    rows = conn.execute(
-        sa.select(messages.c.accepted_at, messages.c.recipient_count)
-        .where(messages.c.smtp_user_id == smtp_user_id, messages.c.accepted_at > now - HOURLY_WINDOW)
-        .order_by(messages.c.accepted_at)
+def _sent_last_hour(conn: Connection, *, smtp_user_id: int, sent_total: int, now: datetime) -> int:
+    """Recipients sent in the rolling hour: sent_total minus the running total as it stood an hour
+    ago (one index lookup on messages(smtp_user_id, accepted_at))."""
+    before_window = conn.scalar(
+        sa.select(messages.c.sent_total_after)
+        .where(messages.c.smtp_user_id == smtp_user_id, messages.c.accepted_at <= now - HOURLY_WINDOW)
+        .order_by(messages.c.accepted_at.desc())
+        .limit(1)
     )
-    return tuple((accepted_at, count) for accepted_at, count in rows)
+    return sent_total - (before_window or 0)
+
+
+def hourly_resume_at(
+    conn: Connection, *, smtp_user_id: int, usage: Usage, excess: int, now: datetime
+) -> datetime:
+    """When ``excess`` more of the recipients counted in ``usage.sent_last_hour`` will have left the
+    rolling hour. Recipients beyond what is stored (an open transaction's) count as sent ``now``."""
+    if excess > usage.sent_last_hour:
+        return now + HOURLY_WINDOW
+    needed = usage.sent_total - usage.sent_last_hour + excess
+    accepted_at = conn.scalar(
+        sa.select(messages.c.accepted_at)
+        .where(messages.c.smtp_user_id == smtp_user_id, messages.c.sent_total_after >= needed)
+        .order_by(messages.c.sent_total_after)
+        .limit(1)
+    )
+    return (accepted_at or now) + HOURLY_WINDOW
 
 
 def sender_state(
@@ -63,6 +84,7 @@ def sender_state(
             smtp_users.c.total_limit,
             smtp_users.c.hourly_limit,
             smtp_users.c.sent_total,
+            smtp_users.c.last_accepted_at,
             owners.c.is_active,
         )
         .join(owners, owners.c.id == smtp_users.c.owner_pk)
@@ -70,7 +92,7 @@ def sender_state(
     )
     if lock:
         query = query.with_for_update(of=smtp_users)
-    row = (conn.execute(query)).first()
+    row = conn.execute(query).first()
     if row is None:
         return None
     return SenderState(
@@ -79,8 +101,11 @@ def sender_state(
         limits=Limits(total_limit=row.total_limit, hourly_limit=row.hourly_limit),
         usage=Usage(
             sent_total=row.sent_total,
-            last_hour=hourly_usage(conn, smtp_user_id=smtp_user_id, now=now),
+            sent_last_hour=_sent_last_hour(
+                conn, smtp_user_id=smtp_user_id, sent_total=row.sent_total, now=now
+            ),
         ),
+        last_accepted_at=row.last_accepted_at,
     )
 
 
@@ -102,7 +127,17 @@ def queue_message(
         return CredentialsRevoked()
     refusal = check_limits(limits=state.limits, usage=state.usage, recipients=len(rcpt_tos))
     if refusal is not None:
+        if refusal.which == "hourly" and refusal.excess:
+            resume_at = hourly_resume_at(
+                conn, smtp_user_id=smtp_user_id, usage=state.usage, excess=refusal.excess, now=now
+            )
+            return replace(refusal, resume_at=resume_at)
         return refusal
+    # Never earlier than the user's previous message, even if another node's clock is behind: the
+    # running totals then stay in time order, which the rolling-hour lookups rely on.
+    if state.last_accepted_at is not None and state.last_accepted_at > now:
+        now = state.last_accepted_at
+    sent_total_after = state.usage.sent_total + len(rcpt_tos)
     message_id = (
         conn.execute(
             messages.insert()
@@ -113,6 +148,7 @@ def queue_message(
                 recipient_count=len(rcpt_tos),
                 size_bytes=len(data),
                 accepted_at=now,
+                sent_total_after=sent_total_after,
             )
             .returning(messages.c.id)
         )
@@ -122,6 +158,6 @@ def queue_message(
     conn.execute(
         smtp_users.update()
         .where(smtp_users.c.id == smtp_user_id)
-        .values(sent_total=smtp_users.c.sent_total + len(rcpt_tos))
+        .values(sent_total=sent_total_after, last_accepted_at=now)
     )
     return Queued(queue_id)

@@ -81,6 +81,9 @@ smtp_users = sa.Table(
     # Bumped by a password reset: an SMTP session that logged in with an older version can start
     # no new transaction (SPEC §4).
     sa.Column("credential_version", sa.Integer, nullable=False, server_default="1"),
+    # When its newest message was accepted: the next one is never stamped earlier, so the messages
+    # of one user are in the same order by time and by sent_total_after (see messages).
+    sa.Column("last_accepted_at", UtcDateTime(), nullable=True),
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("updated_at", UtcDateTime(), nullable=False),
     sa.Column("deleted_at", UtcDateTime(), nullable=True),
@@ -102,8 +105,13 @@ messages = sa.Table(
     sa.Column("recipient_count", sa.Integer, nullable=False),
     sa.Column("size_bytes", sa.Integer, nullable=False),
     sa.Column("accepted_at", UtcDateTime(), nullable=False),
-    # The rolling-hour window of SPEC §3 sums recipient_count over this index.
+    # The user's sent_total once this message was counted. The rolling hour of SPEC §3 is then two
+    # index lookups however much the user sends, not a sum over every message of the hour:
+    #   sent in the last hour = sent_total - sent_total_after of the newest message older than 1 h;
+    #   sending resumes 1 h after the first message whose sent_total_after reaches what must expire.
+    sa.Column("sent_total_after", sa.BigInteger, nullable=False),
     sa.Index("ix_messages_smtp_user_id_accepted_at", "smtp_user_id", "accepted_at"),
+    sa.Index("ix_messages_smtp_user_id_sent_total_after", "smtp_user_id", "sent_total_after"),
     sqlite_autoincrement=True,
 )
 

@@ -134,14 +134,18 @@ def delete_smtp_user(conn: Connection, *, smtp_user_id: int) -> None:
 
 def list_smtp_users(conn: Connection, *, owner_pk: int, keyring: Keyring) -> list[SmtpUserListing]:
     """This owner's live SMTP users, oldest first, with their passwords and usage."""
-    sent_last_hour = (
-        sa.select(sa.func.coalesce(sa.func.sum(messages.c.recipient_count), 0))
+    # The same lookup as the SMTP server's (store/messages.py): the running total an hour ago.
+    total_an_hour_ago = (
+        sa.select(messages.c.sent_total_after)
         .where(
             messages.c.smtp_user_id == smtp_users.c.id,
-            messages.c.accepted_at > datetime.now(UTC) - HOURLY_WINDOW,
+            messages.c.accepted_at <= datetime.now(UTC) - HOURLY_WINDOW,
         )
+        .order_by(messages.c.accepted_at.desc())
+        .limit(1)
         .scalar_subquery()
     )
+    sent_last_hour = smtp_users.c.sent_total - sa.func.coalesce(total_an_hour_ago, 0)
     rows = conn.execute(
         sa.select(
             smtp_users.c.name,

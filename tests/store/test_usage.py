@@ -1,0 +1,84 @@
+"""The rolling hour and the lifetime total as the store computes them (SPEC §3), on both backends."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Connection
+
+from poweremail.domain.limits import OverLimit, Usage
+from poweremail.store import messages, owners
+from poweremail.store.schema import smtp_users
+from tests.store.test_time import _migrate
+from tests.support import run, store_read, store_write
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def _user(conn: Connection, *, hourly_limit: int = 10) -> int:
+    owner = owners.create_owner(conn)
+    owner_pk = owners.authenticate_owner(conn, owner_id=owner.owner_id, token=owner.token)
+    user_id: int = conn.execute(
+        smtp_users.insert()
+        .values(name=f"smtp{owner.owner_id[:8]}", owner_pk=owner_pk, status="Enable", total_limit=1000,
+                hourly_limit=hourly_limit, created_at=NOW, updated_at=NOW)
+        .returning(smtp_users.c.id)
+    ).scalar_one()  # fmt: skip
+    return user_id
+
+
+def _send(conn: Connection, user_id: int, recipients: int, at: datetime) -> messages.QueueOutcome:
+    addresses = [f"r{i}@example.com" for i in range(recipients)]
+    return messages.queue_message(
+        conn, smtp_user_id=user_id, credential_version=1, queue_id=f"Q{at.timestamp()}{recipients}",
+        mail_from="a@example.com", rcpt_tos=addresses, data=b"x", now=at,
+    )  # fmt: skip
+
+
+def test_the_window_counts_only_the_last_hour_and_says_when_it_frees(database_url: str) -> None:
+    run(_migrate(database_url))
+
+    def scenario(conn: Connection) -> tuple[Usage | None, messages.QueueOutcome, datetime]:
+        user_id = _user(conn, hourly_limit=100)
+        for ago, count in ((120, 3), (61, 1), (60, 4), (50, 2), (10, 1)):
+            assert isinstance(_send(conn, user_id, count, NOW - timedelta(minutes=ago)), messages.Queued)
+        conn.execute(smtp_users.update().where(smtp_users.c.id == user_id).values(hourly_limit=5))
+        state = messages.sender_state(conn, smtp_user_id=user_id, now=NOW)
+        refused = _send(conn, user_id, 4, NOW)  # 3 in the hour + 4 > 5: two must expire first
+        resume = messages.hourly_resume_at(conn, smtp_user_id=user_id, usage=Usage(11, 3), excess=3, now=NOW)
+        return (state.usage if state else None), refused, resume
+
+    usage, refused, resume = store_write(database_url, scenario)
+    # A message exactly 60 minutes old has left the window: (now - 1 h, now].
+    assert usage == Usage(sent_total=11, sent_last_hour=3)
+    assert refused == OverLimit(
+        "hourly", excess=2, resume_at=NOW - timedelta(minutes=50) + timedelta(hours=1)
+    )
+    # Needing 3 to expire: the one 10 minutes old must go too.
+    assert resume == NOW - timedelta(minutes=10) + timedelta(hours=1)
+
+
+def test_accepted_at_never_goes_back_in_time_for_one_user(database_url: str) -> None:
+    """A node whose clock is behind stamps the message at the user's last time, keeping the running
+    totals in time order (what the lookups rely on)."""
+    run(_migrate(database_url))
+
+    def scenario(conn: Connection) -> tuple[int, Usage | None]:
+        user_id = _user(conn)
+        _send(conn, user_id, 2, NOW)
+        _send(conn, user_id, 3, NOW - timedelta(minutes=5))  # the lagging node
+        state = messages.sender_state(conn, smtp_user_id=user_id, now=NOW + timedelta(minutes=59, seconds=59))
+        return user_id, state.usage if state else None
+
+    user_id, usage = store_write(database_url, scenario)
+    assert usage == Usage(5, 5)
+    stamps = store_read(
+        database_url,
+        lambda conn: conn.execute(
+            messages.messages.select()
+            .with_only_columns(messages.messages.c.accepted_at, messages.messages.c.sent_total_after)
+            .where(messages.messages.c.smtp_user_id == user_id)
+            .order_by(messages.messages.c.id)
+        ).all(),
+    )
+    assert [tuple(row) for row in stamps] == [(NOW, 2), (NOW, 5)]

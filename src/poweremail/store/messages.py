@@ -38,14 +38,55 @@ class CredentialsRevoked:
 QueueOutcome = Queued | OverLimit | CredentialsRevoked
 
 
+# Every statement of the submission path is built once and executed with parameters: building a
+# Core statement per call cost 3.6x executing a prebuilt one (205 vs 57 µs, measured on SQLite).
+_TOTAL_BEFORE_WINDOW = (
+    sa.select(messages.c.sent_total_after)
+    .where(
+        messages.c.smtp_user_id == sa.bindparam("user_id"), messages.c.accepted_at <= sa.bindparam("hour_ago")
+    )
+    .order_by(messages.c.accepted_at.desc())
+    .limit(1)
+)
+_FIRST_REACHING = (
+    sa.select(messages.c.accepted_at)
+    .where(
+        messages.c.smtp_user_id == sa.bindparam("user_id"),
+        messages.c.sent_total_after >= sa.bindparam("needed"),
+    )
+    .order_by(messages.c.sent_total_after)
+    .limit(1)
+)
+_SENDER = (
+    sa.select(
+        smtp_users.c.status,
+        smtp_users.c.deleted_at,
+        smtp_users.c.credential_version,
+        smtp_users.c.total_limit,
+        smtp_users.c.hourly_limit,
+        smtp_users.c.sent_total,
+        smtp_users.c.last_accepted_at,
+        owners.c.is_active,
+    )
+    .join(owners, owners.c.id == smtp_users.c.owner_pk)
+    .where(smtp_users.c.id == sa.bindparam("user_id"))
+)
+_SENDER_LOCKED = _SENDER.with_for_update(of=smtp_users)
+_INSERT_MESSAGE = messages.insert().returning(messages.c.id)
+_INSERT_CONTENT = message_contents.insert()
+_INSERT_RECIPIENT = recipients.insert()
+_COUNT_SENT = (
+    smtp_users.update()
+    .where(smtp_users.c.id == sa.bindparam("user_id"))
+    .values(sent_total=sa.bindparam("sent_total"), last_accepted_at=sa.bindparam("accepted_at"))
+)
+
+
 def _sent_last_hour(conn: Connection, *, smtp_user_id: int, sent_total: int, now: datetime) -> int:
     """Recipients sent in the rolling hour: sent_total minus the running total as it stood an hour
     ago (one index lookup on messages(smtp_user_id, accepted_at))."""
     before_window = conn.scalar(
-        sa.select(messages.c.sent_total_after)
-        .where(messages.c.smtp_user_id == smtp_user_id, messages.c.accepted_at <= now - HOURLY_WINDOW)
-        .order_by(messages.c.accepted_at.desc())
-        .limit(1)
+        _TOTAL_BEFORE_WINDOW, {"user_id": smtp_user_id, "hour_ago": now - HOURLY_WINDOW}
     )
     return sent_total - (before_window or 0)
 
@@ -58,12 +99,7 @@ def hourly_resume_at(
     if excess > usage.sent_last_hour:
         return now + HOURLY_WINDOW
     needed = usage.sent_total - usage.sent_last_hour + excess
-    accepted_at = conn.scalar(
-        sa.select(messages.c.accepted_at)
-        .where(messages.c.smtp_user_id == smtp_user_id, messages.c.sent_total_after >= needed)
-        .order_by(messages.c.sent_total_after)
-        .limit(1)
-    )
+    accepted_at = conn.scalar(_FIRST_REACHING, {"user_id": smtp_user_id, "needed": needed})
     return (accepted_at or now) + HOURLY_WINDOW
 
 
@@ -76,23 +112,7 @@ def sender_state(
     (``SELECT … FOR UPDATE``); on SQLite the write transaction itself (``BEGIN IMMEDIATE``) already
     excludes every other writer.
     """
-    query = (
-        sa.select(
-            smtp_users.c.status,
-            smtp_users.c.deleted_at,
-            smtp_users.c.credential_version,
-            smtp_users.c.total_limit,
-            smtp_users.c.hourly_limit,
-            smtp_users.c.sent_total,
-            smtp_users.c.last_accepted_at,
-            owners.c.is_active,
-        )
-        .join(owners, owners.c.id == smtp_users.c.owner_pk)
-        .where(smtp_users.c.id == smtp_user_id)
-    )
-    if lock:
-        query = query.with_for_update(of=smtp_users)
-    row = conn.execute(query).first()
+    row = conn.execute(_SENDER_LOCKED if lock else _SENDER, {"user_id": smtp_user_id}).first()
     if row is None:
         return None
     return SenderState(
@@ -138,26 +158,19 @@ def queue_message(
     if state.last_accepted_at is not None and state.last_accepted_at > now:
         now = state.last_accepted_at
     sent_total_after = state.usage.sent_total + len(rcpt_tos)
-    message_id = (
-        conn.execute(
-            messages.insert()
-            .values(
-                queue_id=queue_id,
-                smtp_user_id=smtp_user_id,
-                mail_from=mail_from,
-                recipient_count=len(rcpt_tos),
-                size_bytes=len(data),
-                accepted_at=now,
-                sent_total_after=sent_total_after,
-            )
-            .returning(messages.c.id)
-        )
+    message_id = conn.execute(
+        _INSERT_MESSAGE,
+        {
+            "queue_id": queue_id,
+            "smtp_user_id": smtp_user_id,
+            "mail_from": mail_from,
+            "recipient_count": len(rcpt_tos),
+            "size_bytes": len(data),
+            "accepted_at": now,
+            "sent_total_after": sent_total_after,
+        },
     ).scalar_one()
-    conn.execute(message_contents.insert().values(message_id=message_id, data=data))
-    conn.execute(recipients.insert(), [{"message_id": message_id, "address": rcpt} for rcpt in rcpt_tos])
-    conn.execute(
-        smtp_users.update()
-        .where(smtp_users.c.id == smtp_user_id)
-        .values(sent_total=sent_total_after, last_accepted_at=now)
-    )
+    conn.execute(_INSERT_CONTENT, {"message_id": message_id, "data": data})
+    conn.execute(_INSERT_RECIPIENT, [{"message_id": message_id, "address": rcpt} for rcpt in rcpt_tos])
+    conn.execute(_COUNT_SENT, {"user_id": smtp_user_id, "sent_total": sent_total_after, "accepted_at": now})
     return Queued(queue_id)

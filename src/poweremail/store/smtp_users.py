@@ -132,34 +132,34 @@ def delete_smtp_user(conn: Connection, *, smtp_user_id: int) -> None:
     )
 
 
+# The same lookup as the SMTP server's (store/messages.py): the running total an hour ago.
+_TOTAL_AN_HOUR_AGO = (
+    sa.select(messages.c.sent_total_after)
+    .where(messages.c.smtp_user_id == smtp_users.c.id, messages.c.accepted_at <= sa.bindparam("hour_ago"))
+    .order_by(messages.c.accepted_at.desc())
+    .limit(1)
+    .scalar_subquery()
+)
+# Built once (see owners.py).
+_LISTING = (
+    sa.select(
+        smtp_users.c.name,
+        smtp_users.c.password_ciphertext,
+        smtp_users.c.password_key_id,
+        smtp_users.c.status,
+        smtp_users.c.total_limit,
+        smtp_users.c.hourly_limit,
+        smtp_users.c.sent_total,
+        (smtp_users.c.sent_total - sa.func.coalesce(_TOTAL_AN_HOUR_AGO, 0)).label("sent_last_hour"),
+    )
+    .where(smtp_users.c.owner_pk == sa.bindparam("owner_pk"), smtp_users.c.deleted_at.is_(None))
+    .order_by(smtp_users.c.id)
+)
+
+
 def list_smtp_users(conn: Connection, *, owner_pk: int, keyring: Keyring) -> list[SmtpUserListing]:
     """This owner's live SMTP users, oldest first, with their passwords and usage."""
-    # The same lookup as the SMTP server's (store/messages.py): the running total an hour ago.
-    total_an_hour_ago = (
-        sa.select(messages.c.sent_total_after)
-        .where(
-            messages.c.smtp_user_id == smtp_users.c.id,
-            messages.c.accepted_at <= datetime.now(UTC) - HOURLY_WINDOW,
-        )
-        .order_by(messages.c.accepted_at.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    sent_last_hour = smtp_users.c.sent_total - sa.func.coalesce(total_an_hour_ago, 0)
-    rows = conn.execute(
-        sa.select(
-            smtp_users.c.name,
-            smtp_users.c.password_ciphertext,
-            smtp_users.c.password_key_id,
-            smtp_users.c.status,
-            smtp_users.c.total_limit,
-            smtp_users.c.hourly_limit,
-            smtp_users.c.sent_total,
-            sent_last_hour.label("sent_last_hour"),
-        )
-        .where(smtp_users.c.owner_pk == owner_pk, smtp_users.c.deleted_at.is_(None))
-        .order_by(smtp_users.c.id)
-    )
+    rows = conn.execute(_LISTING, {"owner_pk": owner_pk, "hour_ago": datetime.now(UTC) - HOURLY_WINDOW})
     return [
         SmtpUserListing(
             name=row.name,
@@ -215,22 +215,23 @@ class LoginCandidate:
     may_send: bool
 
 
+_LOGIN = (
+    sa.select(
+        smtp_users.c.id,
+        smtp_users.c.password_ciphertext,
+        smtp_users.c.password_key_id,
+        smtp_users.c.status,
+        smtp_users.c.credential_version,
+        owners.c.is_active,
+    )
+    .join(owners, owners.c.id == smtp_users.c.owner_pk)
+    .where(smtp_users.c.name == sa.bindparam("name"), smtp_users.c.deleted_at.is_(None))
+)
+
+
 def find_login(conn: Connection, *, name: str, keyring: Keyring) -> LoginCandidate | None:
     """The live SMTP user called ``name``, with its decrypted password, for the SMTP AUTH check."""
-    row = (
-        conn.execute(
-            sa.select(
-                smtp_users.c.id,
-                smtp_users.c.password_ciphertext,
-                smtp_users.c.password_key_id,
-                smtp_users.c.status,
-                smtp_users.c.credential_version,
-                owners.c.is_active,
-            )
-            .join(owners, owners.c.id == smtp_users.c.owner_pk)
-            .where(smtp_users.c.name == name, smtp_users.c.deleted_at.is_(None))
-        )
-    ).first()
+    row = conn.execute(_LOGIN, {"name": name}).first()
     if row is None:
         return None
     return LoginCandidate(

@@ -1,0 +1,142 @@
+"""Threads that run SQLite transactions in batches: group commit for writes, shared snapshots for
+reads, and one event-loop wake-up per batch instead of one per transaction.
+
+Why: a thread hop per transaction cost about 0.55 ms under load (the event loop and the worker
+trading the GIL around every sqlite3 call), and a commit per message an fsync each. A batch pays
+both once. Each caller still gets its own outcome, and a write's future resolves only after the
+COMMIT that made it durable (SPEC §4: 250 only once on stable storage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+# Enough to absorb every waiting SMTP session of a busy node in one commit, few enough that one
+# batch never holds SQLite's write lock for long.
+MAX_BATCH = 64
+
+
+@dataclass
+class _Job:
+    work: Callable[[Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Outcome:
+    job: _Job
+    value: Any = None
+    error: BaseException | None = None
+
+
+_STOP = object()
+
+
+class BatchingWorkers:
+    """``threads`` threads taking jobs from one queue, ``MAX_BATCH`` at a time."""
+
+    def __init__(self, engine: Engine, *, writes: bool, threads: int, name: str) -> None:
+        self._engine = engine
+        self._writes = writes
+        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True) for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, work: Callable[[Connection], Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put(_Job(work, future, loop))
+        return future
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join()
+
+    def _serve(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            assert isinstance(first, _Job)
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                assert isinstance(item, _Job)
+                batch.append(item)
+            _settle(self._run_writes(batch) if self._writes else self._run_reads(batch))
+            if stop:
+                return
+
+    def _run_writes(self, batch: list[_Job]) -> list[_Outcome]:
+        """One transaction, one savepoint per job, one COMMIT for all (group commit)."""
+        outcomes: list[_Outcome] = []
+        try:
+            with self._engine.connect() as conn:
+                conn = conn.execution_options(poweremail_write=True)
+                with conn.begin():
+                    for job in batch:
+                        try:
+                            with conn.begin_nested():  # a failing job rolls back only itself
+                                outcomes.append(_Outcome(job, value=job.work(conn)))
+                        except Exception as error:
+                            outcomes.append(_Outcome(job, error=error))
+        except Exception as error:  # BEGIN or COMMIT failed: nothing of this batch is stored
+            return [_Outcome(job, error=error) for job in batch]
+        return outcomes
+
+    def _run_reads(self, batch: list[_Job]) -> list[_Outcome]:
+        """One snapshot for the batch: each job sees everything committed before it was queued."""
+        outcomes: list[_Outcome] = []
+        try:
+            with self._engine.connect() as conn, conn.begin():
+                for job in batch:
+                    try:
+                        outcomes.append(_Outcome(job, value=job.work(conn)))
+                    except Exception as error:
+                        outcomes.append(_Outcome(job, error=error))
+        except Exception as error:
+            done = {id(outcome.job) for outcome in outcomes}
+            outcomes += [_Outcome(job, error=error) for job in batch if id(job) not in done]
+        return outcomes
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome.job.loop, []).append(outcome)
+    for loop, settled in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, settled)
+        except RuntimeError:  # the loop has closed: nobody is waiting any more
+            pass
+
+
+def _resolve(outcomes: list[_Outcome]) -> None:
+    for outcome in outcomes:
+        future = outcome.job.future
+        if future.done():  # the caller was cancelled
+            continue
+        if outcome.error is not None:
+            future.set_exception(outcome.error)
+        else:
+            future.set_result(outcome.value)

@@ -14,22 +14,30 @@ from sqlalchemy import Connection
 from poweremail.domain.credentials import new_smtp_password
 from poweremail.keyring import DecryptionError, Keyring, KeyringError
 from poweremail.store.schema import smtp_users
-from tests.support import Owner, ServerProcess, clean_env, poweremail, store_read, store_write
+from tests.support import Owner, ServerProcess, clean_env, create_owner, poweremail, store_read, store_write
 
 
 def _all_bytes_under(directory: Path) -> bytes:
     return b"".join(path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file())
 
 
-def test_no_password_or_token_is_stored_in_plain_bytes(server: ServerProcess, owner: Owner) -> None:
-    if server.database_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL keeps its files elsewhere; the column check below covers it")
-    passwords = [
-        server.post("addSmtp", owner.creds(total_limit=5, hourly_limit=5)).json()["smtp_password"]
-        for _ in range(3)
-    ]
-    stored = _all_bytes_under(server.data_dir)  # the database, its WAL, the key file
-    assert passwords and owner.token
+def test_no_password_or_token_is_stored_in_plain_bytes(tmp_path: Path) -> None:
+    """Every byte under the data directory of a SQLite node: database, WAL, key file. (PostgreSQL
+    keeps its files elsewhere; test_stored_columns_hold_no_plaintext covers both stores.)"""
+    server = ServerProcess(
+        data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'data' / 'db.sqlite3'}",
+        log_path=tmp_path / "serve.log",
+    ).start()  # fmt: skip
+    try:
+        owner = create_owner(server.database_url)
+        passwords = [
+            server.post("addSmtp", owner.creds(total_limit=5, hourly_limit=5)).json()["smtp_password"]
+            for _ in range(3)
+        ]
+        stored = _all_bytes_under(server.data_dir)
+    finally:
+        server.stop()
+    assert passwords and owner.token and stored
     for secret in [*passwords, owner.token]:
         assert secret.encode() not in stored
         assert secret.encode("utf-16-le") not in stored

@@ -326,3 +326,19 @@ def test_null_sender_8bit_and_smtputf8_are_accepted(server: ServerProcess, user:
             mail_options=["SMTPUTF8", "BODY=8BITMIME"],
         )
     assert reply == {}
+
+
+def test_a_limit_lowered_during_the_transaction_refuses_at_the_end_of_data_with_the_new_figure(
+    server: ServerProcess, owner: Owner
+) -> None:
+    user = add_smtp_user(server, owner, total_limit=10, hourly_limit=10)
+    with RawSMTP(server.smtp_port) as smtp:
+        smtp.login(user.name, user.password)
+        smtp.command("MAIL FROM:<a@example.com>")
+        assert smtp.command("RCPT TO:<b@example.com>") == replies.RECIPIENT_OK
+        assert smtp.command("RCPT TO:<c@example.com>") == replies.RECIPIENT_OK
+        assert smtp.command("DATA").startswith("354")
+        server.post("editSmtp", owner.creds(smtp_user_name=user.name, total_limit=1))
+        # The authoritative check, under the row lock, sees the new limit and says so.
+        assert smtp.command(MESSAGE + b".") == replies.TOTAL_LIMIT.format(limit=1)
+    assert usage(server, owner, user) == (0, 0)

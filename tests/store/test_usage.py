@@ -52,7 +52,7 @@ def test_the_window_counts_only_the_last_hour_and_says_when_it_frees(database_ur
     # A message exactly 60 minutes old has left the window: (now - 1 h, now].
     assert usage == Usage(sent_total=11, sent_last_hour=3)
     assert refused == OverLimit(
-        "hourly", excess=2, resume_at=NOW - timedelta(minutes=50) + timedelta(hours=1)
+        "hourly", 5, excess=2, resume_at=NOW - timedelta(minutes=50) + timedelta(hours=1)
     )
     # Needing 3 to expire: the one 10 minutes old must go too.
     assert resume == NOW - timedelta(minutes=10) + timedelta(hours=1)

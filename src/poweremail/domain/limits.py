@@ -60,6 +60,7 @@ class OverLimit:
     """Why ``recipients`` more cannot be sent now."""
 
     which: Literal["total", "hourly"]
+    limit: int  # the limit that refused, as it stood when checked
     # Hourly: how many recipients sent within the hour must expire before these fit; 0 if they
     # never fit (more recipients in one message than the hourly limit).
     excess: int = 0
@@ -73,10 +74,10 @@ def check_limits(*, limits: Limits, usage: Usage, recipients: int) -> OverLimit 
     A limit counts recipients (SPEC §3). The total limit is checked first: it is the permanent one.
     """
     if usage.sent_total + recipients > limits.total_limit:
-        return OverLimit("total")
+        return OverLimit("total", limits.total_limit)
     excess = usage.sent_last_hour + recipients - limits.hourly_limit
     if excess <= 0:
         return None
     if recipients > limits.hourly_limit:
-        return OverLimit("hourly", excess=0)
-    return OverLimit("hourly", excess=excess)
+        return OverLimit("hourly", limits.hourly_limit, excess=0)
+    return OverLimit("hourly", limits.hourly_limit, excess=excess)

@@ -198,7 +198,7 @@ class SubmissionHandler:
         if refusal is not None:
             if refusal.which == "hourly":
                 refusal = await self._with_resume_time(refusal, session, state)
-            return self._limit_reply(refusal, state)
+            return self._limit_reply(refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return replies.RECIPIENT_OK
@@ -249,7 +249,7 @@ class SubmissionHandler:
             )
             return replies.QUEUED.format(queue_id=outcome.queue_id)
         if isinstance(outcome, OverLimit):
-            return self._limit_reply(outcome, session.sender)
+            return self._limit_reply(outcome)
         session.authenticated = False
         return replies.CREDENTIALS_REVOKED
 
@@ -273,15 +273,15 @@ class SubmissionHandler:
         return replace(refusal, resume_at=resume_at)
 
     @staticmethod
-    def _limit_reply(refusal: OverLimit, state: messages.SenderState) -> str:
+    def _limit_reply(refusal: OverLimit) -> str:
         if refusal.which == "total":
-            return replies.TOTAL_LIMIT.format(limit=state.limits.total_limit)
+            return replies.TOTAL_LIMIT.format(limit=refusal.limit)
         if refusal.excess == 0 or refusal.resume_at is None:
-            return replies.HOURLY_LIMIT_NEVER.format(limit=state.limits.hourly_limit)
+            return replies.HOURLY_LIMIT_NEVER.format(limit=refusal.limit)
         resume_at = (
             refusal.resume_at.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
         )
-        return replies.HOURLY_LIMIT.format(limit=state.limits.hourly_limit, resume_at=resume_at)
+        return replies.HOURLY_LIMIT.format(limit=refusal.limit, resume_at=resume_at)
 
     async def handle_exception(self, error: Exception) -> str:
         logger.error("SMTP session error: %s", type(error).__name__, exc_info=error)

@@ -63,6 +63,7 @@ class SubmissionSMTP(SMTP):
         self.client_host = "unknown"
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._closing: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
         super().__init__(handler, **kwargs)
 
     def _create_session(self) -> SubmissionSession:
@@ -113,7 +114,7 @@ class SubmissionSMTP(SMTP):
         return result
 
     def _end_long_session(self) -> None:
-        self.loop.create_task(self.close_with(replies.SESSION_TOO_LONG))
+        self._closing = self.loop.create_task(self.close_with(replies.SESSION_TOO_LONG))
 
     async def close_with(self, reply: str) -> None:
         if self.transport is None:

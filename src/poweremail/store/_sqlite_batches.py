@@ -83,7 +83,11 @@ class BatchingWorkers:
                     break
                 assert isinstance(item, _Job)
                 batch.append(item)
-            _settle(self._run_writes(batch) if self._writes else self._run_reads(batch))
+            try:
+                outcomes = self._run_writes(batch) if self._writes else self._run_reads(batch)
+            except BaseException as error:  # never leave a caller waiting on a dead thread
+                outcomes = [_Outcome(job, error=error) for job in batch]
+            _settle(outcomes)
             if stop:
                 return
 

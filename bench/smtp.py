@@ -47,6 +47,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -886,9 +887,11 @@ def noise_note(measurements: list[Measurement]) -> str:
 
 
 def versions() -> str:
-    return ", ".join(
+    packages = [
         f"{name} {importlib.metadata.version(name)}" for name in ("aiosmtpd", "sqlalchemy", "asyncpg")
-    )
+    ]
+    # Whatever driver PowerEmail puts on top, SQLite itself is the library Python's sqlite3 links.
+    return ", ".join([*packages, f"SQLite {sqlite3.sqlite_version} (Python's sqlite3)"])
 
 
 def cpu_model() -> str:
@@ -966,7 +969,8 @@ of message (headers included)
 
 Medians over the runs. "ratio" is PowerEmail's median msg/s over the bare server's; the CPU columns
 are the server's median CPU use in cores (PowerEmail's includes its database threads and, on
-PostgreSQL, the database backends serving it); near 1.00, a server was bound by its one event loop.
+PostgreSQL, the database backends serving it); near 1.00, a server was CPU-bound (one Python
+process: the GIL lets all its threads together use about one core).
 Only messages whose final dot got a 2xx reply count; "errors" are all other replies, refused or
 dropped connections and timeouts, for both targets.
 

@@ -26,18 +26,22 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from _servers import (  # bench/ is on sys.path: scripts run as python bench/X.py
+    accepts,
+    child_environment,
+    free_port,
+    running,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -51,8 +55,6 @@ BARE = "bare endpoint"
 MAX_LIMIT = 2_147_483_647
 # A measurement during which other processes kept this much of a core busy is flagged as noisy.
 NOISY_OTHER_CORES = 0.25
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
 WARMUP_S = 2
 
 
@@ -115,58 +117,6 @@ class Summary:
 
 
 # --- processes --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    # The port is released before the server binds it; another process could take it in between,
-    # but on a benchmark machine that is unlikely, and the server would then fail to start, loudly.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(command: list[str], log_path: Path, port: int) -> subprocess.Popen[bytes]:
-    """Start a server, its output to ``log_path``, and return once it accepts connections on ``port``."""
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=child_environment()
-        )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{command[:4]} exited with {process.returncode}:\n{log_path.read_text()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return process
-        time.sleep(0.1)
-    stop_process(process)
-    raise RuntimeError(f"{command[:4]} did not listen on port {port} within {STARTUP_TIMEOUT_S:.0f} s")
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (the node's orderly stop), then SIGKILL if it does not end in time."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-@contextlib.contextmanager
-def running(command: list[str], log_path: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    process = start_server(command, log_path, port)
-    try:
-        yield process
-    finally:
-        stop_process(process)
-
-
-def child_environment() -> dict[str, str]:
-    # Without POWEREMAIL_* variables: a POWEREMAIL_DATABASE_URL left in the shell would otherwise
-    # point the benchmark at that database instead of SQLite in the temporary directory.
-    return {name: value for name, value in os.environ.items() if not name.startswith("POWEREMAIL_")}
 
 
 def poweremail_command(*args: str) -> list[str]:
@@ -524,8 +474,8 @@ def benchmark(args: argparse.Namespace, work: Path) -> tuple[list[Target], list[
     bare_server = [sys.executable, str(BENCH_DIR / "bare_api.py"), "--port", str(bare_port)]
     # Both servers stop in the finally clauses of `running`, on success, error or Ctrl-C alike.
     with (
-        running(serve, logs["poweremail"], api_port) as api_process,
-        running(bare_server, logs["bare endpoint"], bare_port) as bare_process,
+        running(serve, logs["poweremail"], lambda: accepts(api_port)) as api_process,
+        running(bare_server, logs["bare endpoint"], lambda: accepts(bare_port)) as bare_process,
     ):
         bare, targets = prepare_targets(
             Server(f"http://127.0.0.1:{api_port}", api_process.pid),

@@ -61,6 +61,13 @@ from typing import Any
 
 import asyncpg
 import httpx
+from _servers import (  # bench/ is on sys.path: scripts run as python bench/X.py
+    STOP_TIMEOUT_S,
+    child_environment,
+    free_port,
+    running,
+    stop_process,
+)
 from sqlalchemy import make_url
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -84,8 +91,6 @@ BARE_USER, BARE_PASSWORD = "bench", "bench-password"  # what bench/bare_smtp.py 
 NOISY_OTHER_CORES = 0.25
 # A client process this busy may itself be the bottleneck: its figures understate the server.
 SATURATED_CLIENT_CORES = 0.9
-STARTUP_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
 GO_DELAY_S = 0.05  # between telling the clients the start time and that time
 WARMUP, PROFILED = 0, -1  # Measurement.run of the uncounted measurements
 # Generic frames every stack shares; the profile summary leaves them out of the inclusive ranking.
@@ -185,20 +190,6 @@ class Outcome:
 # --- processes --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    # Released before the server binds it; another process could take it in between, but then the
-    # server fails to start, loudly.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def child_environment() -> dict[str, str]:
-    # Without POWEREMAIL_* variables: a POWEREMAIL_DATABASE_URL left in the shell would otherwise
-    # point the benchmark's server at that database.
-    return {name: value for name, value in os.environ.items() if not name.startswith("POWEREMAIL_")}
-
-
 def poweremail_command(*args: str) -> list[str]:
     # `python -m poweremail`, not the script on PATH: the same interpreter as the bare server.
     return [sys.executable, "-m", "poweremail", *args]
@@ -211,54 +202,6 @@ def greets(port: int) -> bool:
             return sock.recv(4).startswith(b"220")
     except OSError:
         return False
-
-
-def start_server(command: list[str], log_path: Path, ready: Callable[[], bool]) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log:
-        # A session of its own (as for every child): Ctrl-C reaches only this script, which then
-        # stops the children in order (clients, then servers, then drops the database).
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env=child_environment(),
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{command[:4]} exited with {process.returncode}:\n{log_path.read_text()}")
-            if ready():
-                return process
-            time.sleep(0.1)
-        raise RuntimeError(f"{command[:4]} was not ready within {STARTUP_TIMEOUT_S:.0f} s")
-    except BaseException:
-        stop_process(process)
-        raise
-
-
-def stop_process(process: subprocess.Popen[Any]) -> None:
-    """SIGTERM (an orderly stop), then SIGKILL if it does not end in time."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-@contextlib.contextmanager
-def running(command: list[str], log_path: Path, ready: Callable[[], bool]) -> Iterator[int]:
-    """The server's pid while the block runs; the server stops on success, error and Ctrl-C alike."""
-    process = start_server(command, log_path, ready)
-    try:
-        yield process.pid
-    finally:
-        stop_process(process)
 
 
 def server_errors(log_path: Path) -> list[str]:
@@ -763,7 +706,8 @@ def bench_store(store: str, args: argparse.Namespace, work: Path, bare: Target, 
         def ready() -> bool:
             return greets(smtp_port) and api_answers(api_port)
 
-        with running(serve, log_path, ready) as pid:
+        with running(serve, log_path, ready) as server:
+            pid = server.pid
             api = PowerEmailApi(api_port, owner)
             try:
                 shared = api.add_smtp_user() if args.shared_smtp_user else None
@@ -1100,7 +1044,8 @@ def benchmark(args: argparse.Namespace, work: Path) -> Outcome:
     bare_port = free_port()
     bare_log = work / "bare.log"
     bare_command = [sys.executable, str(BARE_SCRIPT), "--port", str(bare_port)]
-    with running(bare_command, bare_log, lambda: greets(bare_port)) as bare_pid:
+    with running(bare_command, bare_log, lambda: greets(bare_port)) as bare_server:
+        bare_pid = bare_server.pid
         bare = Target(BARE, bare_port, bare_pid, lambda: Credentials(BARE_USER, BARE_PASSWORD))
         for store in args.database_url:
             print(f"{store_label(store)}: {args.runs} runs x {len(MODES) * len(SIZES)} cases x 2 targets"

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import importlib.metadata
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _machine import cpu_model, machine_cpu, own_cpu, process_cpu
 from _servers import (  # bench/ is on sys.path: scripts run as python bench/X.py
     accepts,
     child_environment,
@@ -180,21 +179,9 @@ class CpuSnapshot:
 
     @classmethod
     def take(cls, server_pid: int) -> CpuSnapshot:
-        ticks = os.sysconf("SC_CLK_TCK")
-        # /proc/stat "cpu": user nice system idle iowait irq softirq steal. Only user, nice and system
-        # count as processes' work: irq and softirq are mostly the loopback traffic of the benchmark.
-        user, nice, system, _idle, _iowait, _irq, _softirq, steal = (
-            int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-        )
-        # /proc/PID/stat: utime and stime are fields 14 and 15, counting the threads that have exited.
-        stat = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()
-        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        return cls(
-            machine=(user + nice + system) / ticks,
-            server=(int(stat[11]) + int(stat[12])) / ticks,
-            ours=sum(u.ru_utime + u.ru_stime for u in usage),  # wrk is a waited child once it ends
-            steal=steal / ticks,
-        )
+        machine, steal = machine_cpu()
+        # wrk is a waited child once it ends, so own_cpu() counts it.
+        return cls(machine=machine, server=process_cpu(server_pid), ours=own_cpu(), steal=steal)
 
     def others_since(self, before: CpuSnapshot) -> float:
         """CPU seconds of processes other than the server and us (wrk included): other programs, and the
@@ -289,14 +276,6 @@ def server_errors(log_path: Path) -> list[str]:
 
 
 # --- report -----------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def versions() -> str:

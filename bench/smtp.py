@@ -42,7 +42,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import resource
 import secrets
 import shutil
 import signal
@@ -61,6 +60,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+from _machine import cpu_model, machine_cpu, own_cpu, process_cpu
 from _servers import (  # bench/ is on sys.path: scripts run as python bench/X.py
     STOP_TIMEOUT_S,
     child_environment,
@@ -295,15 +295,6 @@ def api_answers(port: int) -> bool:
 # --- CPU accounting ---------------------------------------------------------------------------
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds of a process, all its threads; 0 if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def backend_pids(database_name: str | None) -> list[int]:
     """PostgreSQL backends connected to ``database_name``: their title names the database."""
     if database_name is None:
@@ -330,19 +321,13 @@ class CpuSnapshot:
 
     @classmethod
     def take(cls, target: Target) -> CpuSnapshot:
-        ticks = os.sysconf("SC_CLK_TCK")
-        # /proc/stat "cpu": user nice system idle iowait irq softirq steal. Only user, nice and system
-        # count as processes' work: irq and softirq are mostly the benchmark's loopback traffic.
-        user, nice, system, _idle, _iowait, _irq, _softirq, steal = (
-            int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-        )
-        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        machine, steal = machine_cpu()
         return cls(
-            machine=(user + nice + system) / ticks,
+            machine=machine,
             server=process_cpu(target.pid),
             database={pid: process_cpu(pid) for pid in backend_pids(target.database_name)},
-            ours=sum(u.ru_utime + u.ru_stime for u in usage),
-            steal=steal / ticks,
+            ours=own_cpu(),
+            steal=steal,
         )
 
     def database_since(self, before: CpuSnapshot) -> float:
@@ -356,13 +341,9 @@ class CpuSnapshot:
 def machine_busy_cores(seconds: float) -> float:
     """Cores the machine's processes kept busy over ``seconds`` (user + nice + system)."""
 
-    def busy() -> float:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:4]
-        return sum(int(v) for v in fields) / os.sysconf("SC_CLK_TCK")
-
-    before = busy()
+    before, _ = machine_cpu()
     time.sleep(seconds)
-    return (busy() - before) / seconds
+    return (machine_cpu()[0] - before) / seconds
 
 
 def wait_for_quiet(max_wait: float) -> None:
@@ -836,14 +817,6 @@ def versions() -> str:
     ]
     # Whatever driver PowerEmail puts on top, SQLite itself is the library Python's sqlite3 links.
     return ", ".join([*packages, f"SQLite {sqlite3.sqlite_version} (Python's sqlite3)"])
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def postgres_version(stores: list[str]) -> str:

@@ -21,7 +21,6 @@ import base64
 import json
 import os
 import secrets
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,10 +123,6 @@ class Keyring:
         fresh = Keyring.load(self.path)
         self.primary, self.keys, self._loaded_stat = fresh.primary, fresh.keys, fresh._loaded_stat
         return True
-
-    def is_private(self) -> bool:
-        mode = self.path.stat().st_mode
-        return not mode & (stat.S_IRWXG | stat.S_IRWXO)
 
     # --- rotation -------------------------------------------------------------------------------
 

@@ -58,8 +58,6 @@ owners = sa.Table(
     sqlite_autoincrement=True,
 )
 
-SMTP_USER_STATUSES = ("Enable", "Disable")
-
 # The credentials applications log in to our SMTP server with, and their sending limits.
 smtp_users = sa.Table(
     "smtp_users",
@@ -122,8 +120,6 @@ message_contents = sa.Table(
     # The message as stored: CRLF line endings, our Received header (and Message-ID if it had none).
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
-
-RECIPIENT_STATES = ("queued", "deferred", "delivered", "bounced")
 
 recipients = sa.Table(
     "recipients",

@@ -10,6 +10,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
+from poweremail.domain.addresses import address_domain
 from poweremail.domain.limits import HOURLY_WINDOW, Limits, OverLimit, Usage, check_limits
 from poweremail.store.schema import message_contents, messages, owners, recipients, smtp_users
 
@@ -171,6 +172,12 @@ def queue_message(
         },
     ).scalar_one()
     conn.execute(_INSERT_CONTENT, {"message_id": message_id, "data": data})
-    conn.execute(_INSERT_RECIPIENT, [{"message_id": message_id, "address": rcpt} for rcpt in rcpt_tos])
+    conn.execute(
+        _INSERT_RECIPIENT,
+        [
+            {"message_id": message_id, "address": rcpt, "domain": address_domain(rcpt), "next_attempt_at": now}
+            for rcpt in rcpt_tos
+        ],
+    )
     conn.execute(_COUNT_SENT, {"user_id": smtp_user_id, "sent_total": sent_total_after, "accepted_at": now})
     return Queued(queue_id)

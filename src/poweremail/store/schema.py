@@ -98,7 +98,8 @@ messages = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     # The id named in the 250 reply and in the Received header.
     sa.Column("queue_id", sa.String(32), nullable=False, unique=True),
-    sa.Column("smtp_user_id", sa.Integer, sa.ForeignKey("smtp_users.id"), nullable=False),
+    # NULL for a bounce report: PowerEmail sends those itself, under no SMTP user's limits.
+    sa.Column("smtp_user_id", sa.Integer, sa.ForeignKey("smtp_users.id"), nullable=True),
     sa.Column("mail_from", sa.String(512), nullable=False),  # "" for the null sender <>
     sa.Column("recipient_count", sa.Integer, nullable=False),
     sa.Column("size_bytes", sa.Integer, nullable=False),
@@ -108,6 +109,8 @@ messages = sa.Table(
     #   sent in the last hour = sent_total - sent_total_after of the newest message older than 1 h;
     #   sending resumes 1 h after the first message whose sent_total_after reaches what must expire.
     sa.Column("sent_total_after", sa.BigInteger, nullable=False),
+    # For a bounce report (RFC 3464): the message whose recipients it reports on.
+    sa.Column("bounce_of", sa.Integer, sa.ForeignKey("messages.id"), nullable=True),
     sa.Index("ix_messages_smtp_user_id_accepted_at", "smtp_user_id", "accepted_at"),
     sa.Index("ix_messages_smtp_user_id_sent_total_after", "smtp_user_id", "sent_total_after"),
     sqlite_autoincrement=True,
@@ -127,7 +130,31 @@ recipients = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("message_id", sa.Integer, sa.ForeignKey("messages.id"), nullable=False, index=True),
     sa.Column("address", sa.String(512), nullable=False),
+    # The address's domain, lower case: recipients of one message for one domain go in one SMTP
+    # transaction, and the MX lookup is per domain.
+    sa.Column("domain", sa.String(255), nullable=False),
+    # queued → (deferred →)* delivered | bounced (SPEC §5).
     sa.Column("state", sa.String(16), nullable=False, server_default="queued"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # When the recipient is due: its acceptance time, then each retry's.
+    sa.Column("next_attempt_at", UtcDateTime(), nullable=False),
+    sa.Column("last_attempt_at", UtcDateTime(), nullable=True),
+    # The last attempt's outcome: the remote server's reply ("550 5.1.1 …") or what went wrong
+    # before one ("connection refused by mx.example.com[192.0.2.1]:25").
+    sa.Column("last_reply", sa.String(1000), nullable=True),
+    sa.Column("remote_mta", sa.String(255), nullable=True),
+    # The delivery lease: which worker holds the recipient, until when. A worker that dies has its
+    # recipients taken again once locked_until passes (SPEC §5 crash safety).
+    sa.Column("locked_by", sa.String(128), nullable=True),
+    sa.Column("locked_until", UtcDateTime(), nullable=True),
     sa.CheckConstraint("state IN ('queued', 'deferred', 'delivered', 'bounced')", name="state_is_known"),
+    sa.CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    # What the delivery worker scans: only recipients still to deliver, by due time.
+    sa.Index(
+        "ix_recipients_due",
+        "next_attempt_at",
+        sqlite_where=sa.text("state IN ('queued', 'deferred')"),
+        postgresql_where=sa.text("state IN ('queued', 'deferred')"),
+    ),
     sqlite_autoincrement=True,
 )

@@ -71,14 +71,70 @@ class Settings(BaseSettings):
         1.0, ge=0, description="seconds added per recent failure before answering 535"
     )
 
-    # --- serve: delivery ---
-    relay: str | None = Field(None, description="HOST:PORT to deliver everything through")
+    # --- serve: delivery (SPEC §5) ---
+    relay: str | None = Field(None, description="HOST:PORT to deliver everything through (else by MX)")
+    relay_user: str | None = Field(None, description="login name at the relay")
+    relay_password: SecretStr | None = Field(None, description="password at the relay")
+    relay_tls: Literal["none", "starttls", "tls"] = Field(
+        "starttls", description="none|starttls|tls toward the relay (certificate verified)"
+    )
+    relay_ca_file: Path | None = Field(
+        None, description="PEM CA bundle to verify the relay's certificate (system CAs if unset)"
+    )
+    dns_server: str | None = Field(None, description="HOST:PORT of the DNS server for MX lookups")
+    smtp_out_port: int = Field(25, ge=1, le=65535, description="port of the destination MX hosts")
+    smtp_out_timeout: float = Field(60, gt=0, description="seconds to wait for each remote reply")
+    retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
+        (60, 300, 900, 1800, 3600),
+        min_length=1,
+        description="seconds between attempts, comma-separated; the last repeats",
+    )
+    max_message_age: float = Field(
+        2 * 24 * 3600, gt=0, description="seconds a recipient is retried before it bounces"
+    )
+    delivery_concurrency: int = Field(50, ge=1, description="SMTP transactions in flight per node")
+    max_connections_per_destination: int = Field(
+        10, ge=1, description="open connections per relay or recipient domain"
+    )
+    delivery_lease: float = Field(
+        60, gt=0, description="seconds a claimed recipient stays claimed without a renewal"
+    )
+    delivery_poll_interval: float = Field(
+        1.0, gt=0, description="seconds between looks for due mail queued by other nodes"
+    )
+    node_name: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=100,
+        description="unique per node: whose delivery leases are whose",
+    )
 
     @field_validator("roles", mode="before")
     @classmethod
     def _split_roles(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _split_delays(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _positive_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("every retry delay must be more than 0 seconds")
+        return value
+
+    @field_validator("relay", "dns_server")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
         return value
 
     @field_validator("log_level", mode="before")
@@ -104,3 +160,13 @@ def load_settings(**overrides: Any) -> Settings:
     """
     given = {name: value for name, value in overrides.items() if value is not None}
     return Settings(**given)
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` → ``(host, port)``; ValueError with a readable reason."""
+    host, sep, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (a port from 1 to 65535)")
+    return host, int(port_text)

@@ -1,4 +1,4 @@
-"""``/openapi.json`` and ``/docs`` describe the five calls with the document's examples."""
+"""``/openapi.json`` and ``/docs`` describe every call with the document's examples."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import httpx
 
 from tests.support import ServerProcess
 
-CALLS = ["addSmtp", "editSmtp", "resetSmtpPassword", "listSmtp", "deleteSmtp"]
+CALLS = ["addSmtp", "editSmtp", "resetSmtpPassword", "listSmtp", "deleteSmtp", "listMessages"]
 
 
 def test_openapi_describes_every_call(server: ServerProcess) -> None:

@@ -5,6 +5,8 @@ The request models validate; the response models only document (they feed ``/ope
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
@@ -87,6 +89,61 @@ class ListSmtpRequest(_Request):
     pass
 
 
+# listMessages paging: the same whole-number rules as the limits, over other ranges.
+MAX_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 20
+
+
+def _whole_number(minimum: int, maximum: int) -> Callable[[object], int]:
+    rule = f"must be a whole number from {minimum} to {maximum}"
+
+    def parse(value: object) -> int:
+        # As parse_limit: a JSON integer or a string of ASCII digits; never a bool, a float or null.
+        if isinstance(value, bool):
+            raise ValueError(rule)
+        if isinstance(value, int):
+            number = value
+        elif isinstance(value, str) and value.isascii() and value.isdigit():
+            number = int(value)
+        else:
+            raise ValueError(rule)
+        if not minimum <= number <= maximum:
+            raise ValueError(rule)
+        return number
+
+    return parse
+
+
+def _whole_number_schema(minimum: int, maximum: int, description: str) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": minimum, "maximum": maximum},
+                {"type": "string", "pattern": "^[0-9]+$"},
+            ],
+            "description": f"{description}: a JSON integer or a string of digits, {minimum} to {maximum}.",
+        }
+    )
+
+
+PageSize = Annotated[
+    int,
+    BeforeValidator(_whole_number(1, MAX_PAGE_SIZE)),
+    _whole_number_schema(1, MAX_PAGE_SIZE, f"Messages per page, default {DEFAULT_PAGE_SIZE}"),
+]
+# Bounded so that no number reaches the database that it cannot hold.
+PageOffset = Annotated[
+    int,
+    BeforeValidator(_whole_number(0, MAX_LIMIT)),
+    _whole_number_schema(0, MAX_LIMIT, "Newest messages to skip, default 0"),
+]
+
+
+class ListMessagesRequest(_OneSmtpUserRequest):
+    limit: PageSize = DEFAULT_PAGE_SIZE
+    offset: PageOffset = 0
+
+
 _ERROR_TEXT = {
     "missing": "is required",
     "string_type": "must be a string",
@@ -152,3 +209,38 @@ class ListSmtpResponse(_Success):
 
 class MessageOnlyResponse(_Success):
     pass
+
+
+class RecipientEntry(BaseModel):
+    address: str
+    state: Literal["queued", "deferred", "delivered", "bounced"] = Field(
+        description="queued (not tried yet), deferred (failed for now, will be retried), delivered, bounced"
+    )
+    attempts: int = Field(description="delivery attempts so far")
+    last_reply: str | None = Field(
+        description="the last attempt's outcome: the remote server's reply, or what went wrong before one; "
+        "null before the first attempt"
+    )
+    last_attempt_at: datetime | None = Field(
+        description="UTC, ISO 8601 (2026-11-23T23:04:55Z); null before the first"
+    )
+    next_attempt_at: datetime | None = Field(
+        description="when it is next due, UTC; null once delivered or bounced"
+    )
+
+
+class MessageEntry(BaseModel):
+    queue_id: str = Field(description="the id of the SMTP 250 reply and the Received header")
+    accepted_at: datetime = Field(
+        description="when the SMTP server accepted it, UTC, ISO 8601 (2026-11-23T23:04:55Z)"
+    )
+    mail_from: str = Field(description="the envelope sender; empty for the null sender <>")
+    size_bytes: int = Field(description="the message as stored, with PowerEmail's headers")
+    recipients: list[RecipientEntry] = Field(description="in the order they were given")
+
+
+class ListMessagesResponse(_Success):
+    messages: list[MessageEntry] = Field(description="newest first")
+    limit: int
+    offset: int
+    has_more: bool = Field(description="older messages follow: ask again with offset + limit")

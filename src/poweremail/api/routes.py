@@ -1,4 +1,4 @@
-"""The five ``/settings/*`` calls of SPEC §2.
+"""The ``/settings/*`` calls: the five of SPEC §2 and listMessages of SPEC §5.
 
 Each call is a small function from validated parameters to the success fields. ``settings_call``
 supplies what they all share, in the order SPEC §2 fixes: the body parses, the parameters are present
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -23,6 +24,8 @@ from poweremail.api.models import (
     DeleteSmtpRequest,
     EditSmtpRequest,
     ErrorResponse,
+    ListMessagesRequest,
+    ListMessagesResponse,
     ListSmtpRequest,
     ListSmtpResponse,
     MessageOnlyResponse,
@@ -32,7 +35,7 @@ from poweremail.api.models import (
 from poweremail.api.responses import error_response, json_response
 from poweremail.errors import ApiError, AuthenticationError, GeneralError, ValidationError
 from poweremail.services import Services
-from poweremail.store import owners, smtp_users
+from poweremail.store import message_listing, owners, smtp_users
 
 logger = logging.getLogger("poweremail.api")
 router = APIRouter(prefix="/settings", tags=["SMTP users"])
@@ -233,3 +236,62 @@ async def delete_smtp(params: DeleteSmtpRequest, services: Services) -> dict[str
 
     await services.database.write(work)
     return {"message": "SMTP User Deleted"}
+
+
+def _utc_iso(moment: datetime | None) -> str | None:
+    """``2026-11-23T23:04:55Z``: as the SMTP replies write times."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@settings_call(
+    "listMessages",
+    ListMessagesRequest,
+    ListMessagesResponse,
+    summary="List an SMTP user's messages and their delivery (not in the document)",
+    example={**_CREDENTIALS, "smtp_user_name": "smtp12345", "limit": 20, "offset": 0},
+)
+async def list_messages(params: ListMessagesRequest, services: Services) -> dict[str, Any]:
+    """The SMTP user's messages, newest first, `limit` at a time (1 to 100, default 20) after skipping
+    `offset`; `has_more` says whether older ones follow. For each recipient: its state (`queued`,
+    `deferred`, `delivered` or `bounced`), the delivery attempts so far, the last one's outcome
+    (`last_reply`: the remote server's reply, or what went wrong before one) and when the next is due.
+    Times are UTC, ISO 8601."""
+
+    def work(conn: Connection) -> message_listing.MessagePage:
+        return message_listing.list_messages(
+            conn,
+            smtp_user_id=_smtp_user_id(conn, _owner_pk(conn, params), params.smtp_user_name),
+            limit=params.limit,
+            offset=params.offset,
+        )
+
+    page = await services.database.read(work)
+    count = len(page.messages)
+    return {
+        "message": f"{count} message{'' if count == 1 else 's'}",
+        "messages": [
+            {
+                "queue_id": message.queue_id,
+                "accepted_at": _utc_iso(message.accepted_at),
+                "mail_from": message.mail_from,
+                "size_bytes": message.size_bytes,
+                "recipients": [
+                    {
+                        "address": rcpt.address,
+                        "state": rcpt.state,
+                        "attempts": rcpt.attempts,
+                        "last_reply": rcpt.last_reply,
+                        "last_attempt_at": _utc_iso(rcpt.last_attempt_at),
+                        "next_attempt_at": _utc_iso(rcpt.next_attempt_at),
+                    }
+                    for rcpt in message.recipients
+                ],
+            }
+            for message in page.messages
+        ],
+        "limit": params.limit,
+        "offset": params.offset,
+        "has_more": page.has_more,
+    }

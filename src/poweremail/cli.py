@@ -103,7 +103,9 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         raise CommandError(f"bad settings: {exc}") from None
     except pydantic.ValidationError as exc:
         error = exc.errors()[0]
-        name = str(error["loc"][0]) if error["loc"] else "settings"
+        if not error["loc"]:  # a rule across several settings: its message names the flags
+            raise CommandError(f"bad settings: {error['msg'].removeprefix('Value error, ')}") from None
+        name = str(error["loc"][0])
         flag = "--" + name.replace("_", "-")
         raise CommandError(f"bad value for {flag} (or POWEREMAIL_{name.upper()}): {error['msg']}") from None
 

@@ -7,11 +7,12 @@ environment variable (``POWEREMAIL_API_PORT``): the CLI builds its flags from th
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Role = Literal["api", "smtp", "delivery"]
@@ -137,6 +138,18 @@ class Settings(BaseSettings):
             parse_host_port(value)
         return value
 
+    @model_validator(mode="after")
+    def _relay_login_is_safe(self) -> Settings:
+        if (self.relay_user is None) != (self.relay_password is None):
+            raise ValueError("--relay-user and --relay-password go together")
+        if self.relay_user is not None and self.relay_tls == "none" and self.relay is not None:
+            host, _port = parse_host_port(self.relay)
+            if not _is_loopback(host):
+                raise ValueError(
+                    "--relay-tls none would send the relay password in clear; use starttls or tls"
+                )
+        return self
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: Any) -> Any:
@@ -170,3 +183,12 @@ def parse_host_port(value: str) -> tuple[str, int]:
     if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"{value!r} is not HOST:PORT (a port from 1 to 65535)")
     return host, int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

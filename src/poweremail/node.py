@@ -1,5 +1,4 @@
-"""One node: the roles ``poweremail serve`` runs (API, SMTP submission; delivery joins), in one
-event loop.
+"""One node: the roles ``poweremail serve`` runs (API, SMTP submission, delivery), in one event loop.
 
 Every socket is bound first, so a port in use stops the program before anything has started.
 SIGINT and SIGTERM stop every role and close the database.
@@ -18,6 +17,7 @@ import uvicorn
 
 from poweremail.api.app import create_app
 from poweremail.config import Settings
+from poweremail.delivery.worker import DeliveryWorker
 from poweremail.listeners import bind_tcp, describe
 from poweremail.services import Services, open_services
 from poweremail.smtp.server import start_smtp_servers
@@ -86,6 +86,14 @@ async def run_node(settings: Settings) -> None:
                 "SMTP submission on %s (STARTTLS) and %s (TLS)",
                 describe(sockets["submission"]),
                 describe(sockets["smtps"]),
+            )
+        if "delivery" in settings.roles:
+            worker = DeliveryWorker(services)
+            tasks.append(asyncio.create_task(worker.run(stop), name="delivery"))
+            logger.info(
+                "delivery %s, as node %r",
+                f"through the relay {settings.relay}" if settings.relay else "by MX lookup",
+                settings.node_name,
             )
         if "api" in sockets:
             api_server = _api_server(services)

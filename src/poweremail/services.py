@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from poweremail.config import Settings
 from poweremail.keyring import Keyring
@@ -18,6 +19,9 @@ class Services:
     settings: Settings
     database: Database
     keyring: Keyring
+    # Set when this node queues mail (a submission, a bounce): its delivery worker looks at once
+    # instead of at its next poll.
+    mail_queued: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def close(self) -> None:
         await self.database.close()

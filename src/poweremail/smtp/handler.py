@@ -240,6 +240,7 @@ class SubmissionHandler:
             logger.exception("could not queue a message of %s", identity.name)
             return replies.STORE_UNAVAILABLE
         if isinstance(outcome, messages.Queued):
+            self._services.mail_queued.set()
             logger.info(
                 "%s queued %s: %d recipient(s), %d bytes",
                 identity.name,

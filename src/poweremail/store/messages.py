@@ -175,7 +175,12 @@ def queue_message(
     conn.execute(
         _INSERT_RECIPIENT,
         [
-            {"message_id": message_id, "address": rcpt, "domain": address_domain(rcpt), "next_attempt_at": now}
+            {
+                "message_id": message_id,
+                "address": rcpt,
+                "domain": address_domain(rcpt),
+                "next_attempt_at": now,
+            }
             for rcpt in rcpt_tos
         ],
     )

@@ -11,6 +11,7 @@ aiosmtplib's ``data`` dot-stuffs the message and turns any lone CR or LF into CR
 
 from __future__ import annotations
 
+import os
 import ssl
 import time
 from collections.abc import Sequence
@@ -146,6 +147,15 @@ class OutboundConnection:
         except (HopFailure, _TlsHandshakeFailed):
             client.close()
             raise
+        except aiosmtplib.SMTPConnectTimeoutError:
+            client.close()
+            raise HopFailure(f"no answer from {hop.describe()} within {reply_timeout:g}s") from None
+        except aiosmtplib.SMTPConnectError as exc:
+            client.close()
+            raise HopFailure(f"connection to {hop.describe()} failed: {_why(exc)}") from None
+        except aiosmtplib.SMTPTimeoutError:
+            client.close()
+            raise HopFailure(f"{hop.describe()} did not answer within {reply_timeout:g}s") from None
         except aiosmtplib.SMTPException as exc:
             client.close()
             raise HopFailure(f"{hop.describe()}: {exc}") from None
@@ -253,6 +263,14 @@ class _TlsHandshakeFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def _why(exc: BaseException) -> str:
+    """The operating system's reason ("Connection refused"), not aiosmtplib's wrapping of it."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return os.strerror(cause.errno).lower()  # asyncio's own text is "Connect call failed (…)"
+    return str(cause or exc)
 
 
 async def _greet(client: aiosmtplib.SMTP) -> None:

@@ -363,7 +363,7 @@ class DeliveryWorker:
             status=status,
             diagnostic=result.reply if result.remote else None,
             remote_mta=remote_mta if result.remote else None,
-            reason=reason if result.remote else f"{reason} {result.reply}",
+            reason=reason if result.remote else f"{reason} Last error: {result.reply}.",
             last_attempt_at=now,
         )
         return RecipientOutcome(recipient.id, "bounced", None, reply, remote_mta), failure

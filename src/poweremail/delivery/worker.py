@@ -128,6 +128,9 @@ class DeliveryWorker:
         ]
         try:
             while not stop.is_set():
+                # Cleared before looking: whatever is queued or finishes from here on wakes the wait.
+                self._services.mail_queued.clear()
+                self._job_done.clear()
                 room = _CLAIM_AHEAD * self._settings.delivery_concurrency - len(self._in_hand)
                 claimed = await self._claim(room) if room > 0 else None
                 if claimed:
@@ -154,7 +157,9 @@ class DeliveryWorker:
                 logger.info("delivery: resuming %d recipient(s) this node had in hand", released)
             return
 
-    async def _claim(self, limit: int) -> list[tuple[QueuedMessage, list[ClaimedRecipient]]]:
+    async def _claim(self, limit: int) -> list[list[ClaimedRecipient]]:
+        """Claim due recipients, grouped into jobs; the messages themselves are read per job, so
+        memory holds at most one message per transaction in flight (25 MiB each at worst)."""
         now = datetime.now(UTC)
         try:
             claimed = await self._database.write(
@@ -162,14 +167,10 @@ class DeliveryWorker:
                     conn, worker=self._worker, now=now, until=now + self._lease, limit=limit
                 )
             )
-            if not claimed:
-                return []
-            self._in_hand.update(recipient.id for recipient in claimed)
-            message_ids = {recipient.message_id for recipient in claimed}
-            loaded = await self._database.read(lambda conn: delivery_queue.load_messages(conn, message_ids))
         except Exception:
             logger.exception("delivery: claiming due mail failed; trying again")
             return []
+        self._in_hand.update(recipient.id for recipient in claimed)
 
         # One job per message and destination: those recipients go in one transaction (SPEC §5). By
         # MX that is per domain; through the relay, a message's recipients all go together.
@@ -177,14 +178,11 @@ class DeliveryWorker:
             return recipient.message_id, "" if self._router.relays else recipient.domain
 
         # claim_due gives recipients in id order, which a stable sort keeps within each job.
-        return [
-            (loaded[message_id], list(group))
-            for (message_id, _domain), group in groupby(sorted(claimed, key=job_key), key=job_key)
-        ]
+        return [list(group) for _key, group in groupby(sorted(claimed, key=job_key), key=job_key)]
 
-    def _start_jobs(self, jobs: list[tuple[QueuedMessage, list[ClaimedRecipient]]]) -> None:
-        for message, group in jobs:
-            task = asyncio.create_task(self._deliver(message, group), name=f"deliver-{message.queue_id}")
+    def _start_jobs(self, jobs: list[list[ClaimedRecipient]]) -> None:
+        for group in jobs:
+            task = asyncio.create_task(self._deliver(group), name=f"deliver-{group[0].message_id}")
             self._tasks.add(task)
             task.add_done_callback(self._job_finished)
 
@@ -197,7 +195,6 @@ class DeliveryWorker:
     async def _wait_for_work(self, stop: asyncio.Event, *, room_left: bool) -> None:
         """Until new mail is queued here, a job ends (when full), the poll interval passes, or stop."""
         wake = self._services.mail_queued if room_left else self._job_done
-        wake.clear()
         waiters = [asyncio.create_task(wake.wait()), asyncio.create_task(stop.wait())]
         try:
             await asyncio.wait(
@@ -209,10 +206,20 @@ class DeliveryWorker:
 
     # --- one job: a message's recipients at one domain ---------------------------------------
 
-    async def _deliver(self, message: QueuedMessage, recipients: list[ClaimedRecipient]) -> None:
+    async def _deliver(self, recipients: list[ClaimedRecipient]) -> None:
         ids = [recipient.id for recipient in recipients]
+        message_id = recipients[0].message_id
         try:
             async with self._slots:
+                try:
+                    loaded = await self._database.read(
+                        lambda conn: delivery_queue.load_messages(conn, [message_id])
+                    )
+                except Exception:
+                    logger.exception("delivery: could not read message %d; giving it back", message_id)
+                    await self._give_back(ids)
+                    return
+                message = loaded[message_id]
                 attempt = await self._attempt(message, recipients)
             await self._record(message, recipients, attempt)
         except asyncio.CancelledError:

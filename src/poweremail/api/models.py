@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 
-from poweremail.domain.limits import LIMIT_RULE, MAX_LIMIT, parse_limit
+from poweremail.domain.limits import LIMIT_RULE, MAX_LIMIT, parse_limit, parse_whole_number
 from poweremail.errors import ValidationError
 
 NonEmptyString = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)]
@@ -95,23 +95,7 @@ DEFAULT_PAGE_SIZE = 20
 
 
 def _whole_number(minimum: int, maximum: int) -> Callable[[object], int]:
-    rule = f"must be a whole number from {minimum} to {maximum}"
-
-    def parse(value: object) -> int:
-        # As parse_limit: a JSON integer or a string of ASCII digits; never a bool, a float or null.
-        if isinstance(value, bool):
-            raise ValueError(rule)
-        if isinstance(value, int):
-            number = value
-        elif isinstance(value, str) and value.isascii() and value.isdigit():
-            number = int(value)
-        else:
-            raise ValueError(rule)
-        if not minimum <= number <= maximum:
-            raise ValueError(rule)
-        return number
-
-    return parse
+    return lambda value: parse_whole_number(value, minimum=minimum, maximum=maximum)
 
 
 def _whole_number_schema(minimum: int, maximum: int, description: str) -> WithJsonSchema:

@@ -12,23 +12,30 @@ MAX_LIMIT = 2_147_483_647
 LIMIT_RULE = f"must be a whole number from {MIN_LIMIT} to {MAX_LIMIT}"
 
 
-def parse_limit(value: object) -> int:
-    """A JSON integer or a string of ASCII digits, in range; anything else raises ``ValueError``.
+def parse_whole_number(value: object, *, minimum: int, maximum: int) -> int:
+    """A JSON integer or a string of ASCII digits from ``minimum`` to ``maximum``; anything else
+    raises ``ValueError`` saying the rule.
 
     Booleans are refused although ``bool`` is an ``int`` in Python; so are floats, even ``5.0``,
     and strings with signs, spaces or non-ASCII digits (``str.isdigit`` accepts "²").
     """
+    rule = f"must be a whole number from {minimum} to {maximum}"
     if isinstance(value, bool):
-        raise ValueError(LIMIT_RULE)
+        raise ValueError(rule)
     if isinstance(value, int):
         number = value
     elif isinstance(value, str) and value.isascii() and value.isdigit():
         number = int(value)
     else:
-        raise ValueError(LIMIT_RULE)
-    if not MIN_LIMIT <= number <= MAX_LIMIT:
-        raise ValueError(LIMIT_RULE)
+        raise ValueError(rule)
+    if not minimum <= number <= maximum:
+        raise ValueError(rule)
     return number
+
+
+def parse_limit(value: object) -> int:
+    """A ``total_limit`` or ``hourly_limit`` (SPEC §2)."""
+    return parse_whole_number(value, minimum=MIN_LIMIT, maximum=MAX_LIMIT)
 
 
 # --- SPEC §3: what sending costs and when it is refused ----------------------------------------

@@ -12,7 +12,7 @@ import trustme
 from tests.delivery.conftest import StartNode
 from tests.delivery.helpers import all_in, bounce_reports, send, smtp_user, wait_for_states
 from tests.delivery.receiver import Receiver, server_tls_context
-from tests.support import Owner
+from tests.support import Owner, ServerProcess, create_owner
 
 LETTER = (
     "From: app@sender.test\r\n"
@@ -266,3 +266,43 @@ def test_a_relay_that_is_down_defers(start_node: StartNode, sender: Owner) -> No
     queue_id = send(node, user, "app@sender.test", ["ann@example.test"], LETTER)
     [state] = wait_for_states(node, queue_id, all_in("deferred"), "deferred")
     assert state.last_reply is not None and "refused" in state.last_reply.lower()
+
+
+def test_list_messages_follows_the_states_as_they_change(start_node: StartNode, sender: Owner) -> None:
+    def rcpt(address: str, n: int) -> str | None:
+        if address.startswith("nobody"):
+            return "550 5.1.1 no such user"
+        return "451 4.3.0 try again later" if n == 1 else None
+
+    def listed(node: ServerProcess, owner: Owner, user_name: str) -> list[dict[str, object]]:
+        response = node.post("listMessages", owner.creds(smtp_user_name=user_name))
+        assert response.status_code == 200, response.text
+        [message] = response.json()["messages"]
+        recipients: list[dict[str, object]] = message["recipients"]
+        return recipients
+
+    with Receiver(rcpt=rcpt) as relay:
+        node = start_node("--relay", relay.address, "--relay-tls", "none", "--retry-delays", "1")
+        user = smtp_user(node, sender)
+        queue_id = send(node, user, "app@sender.test", ["ann@example.test", "nobody@example.test"], LETTER)
+        wait_for_states(node, queue_id, lambda s: s[0].state == "deferred", "ann deferred")
+        ann, nobody = listed(node, sender, user.name)
+        assert (ann["state"], ann["attempts"], ann["last_reply"]) == (
+            "deferred",
+            1,
+            "451 4.3.0 try again later",
+        )
+        assert ann["next_attempt_at"] is not None
+        assert (nobody["state"], nobody["attempts"]) == ("bounced", 1)
+        assert nobody["last_reply"] == "550 5.1.1 no such user" and nobody["next_attempt_at"] is None
+        wait_for_states(node, queue_id, all_in("delivered", "bounced"), "ann delivered")
+        ann, _ = listed(node, sender, user.name)
+        assert (ann["state"], ann["attempts"], ann["next_attempt_at"]) == ("delivered", 2, None)
+        # Another owner cannot read this user's messages: the same answer as for no such user.
+        stranger = create_owner(node.database_url)
+        refused = node.post("listMessages", stranger.creds(smtp_user_name=user.name))
+        missing = node.post("listMessages", stranger.creds(smtp_user_name="smtp1"))
+        assert refused.status_code == missing.status_code == 400
+        assert refused.json()["message"].replace(user.name, "X") == missing.json()["message"].replace(
+            "smtp1", "X"
+        )

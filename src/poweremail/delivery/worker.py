@@ -132,11 +132,11 @@ class DeliveryWorker:
                 self._services.mail_queued.clear()
                 self._job_done.clear()
                 room = _CLAIM_AHEAD * self._settings.delivery_concurrency - len(self._in_hand)
-                claimed = await self._claim(room) if room > 0 else None
-                if claimed:
-                    self._start_jobs(claimed)
-                    if len(claimed) == room:
-                        continue  # more may be due right now
+                jobs = await self._claim(room) if room > 0 else []
+                if jobs:
+                    self._start_jobs(jobs)
+                    if sum(len(job) for job in jobs) == room:
+                        continue  # a full claim: more may be due right now
                 await self._wait_for_work(stop, room_left=room > 0)
         finally:
             await self._finish(background)

@@ -306,3 +306,30 @@ def test_list_messages_follows_the_states_as_they_change(start_node: StartNode, 
         assert refused.json()["message"].replace(user.name, "X") == missing.json()["message"].replace(
             "smtp1", "X"
         )
+
+
+def test_implicit_tls_to_the_relay(start_node: StartNode, sender: Owner, tmp_path: object) -> None:
+    ca = trustme.CA()
+    ca_file = f"{tmp_path}/relay-ca.pem"
+    ca.cert_pem.write_to_path(ca_file)
+    with Receiver(implicit_tls_context=server_tls_context(ca)) as relay:
+        node = start_node(
+            "--relay", f"localhost:{relay.port}", "--relay-tls", "tls", "--relay-ca-file", ca_file
+        )
+        user = smtp_user(node, sender)
+        queue_id = send(node, user, "app@sender.test", ["ann@example.test"], LETTER)
+        wait_for_states(node, queue_id, all_in("delivered"), "delivered")
+        [message] = relay.wait_for_messages(1)
+        assert message.tls
+
+
+def test_implicit_tls_to_an_untrusted_relay_defers_with_the_reason(
+    start_node: StartNode, sender: Owner
+) -> None:
+    with Receiver(implicit_tls_context=server_tls_context(trustme.CA())) as relay:
+        node = start_node("--relay", f"localhost:{relay.port}", "--relay-tls", "tls")
+        user = smtp_user(node, sender)
+        queue_id = send(node, user, "app@sender.test", ["ann@example.test"], LETTER)
+        [state] = wait_for_states(node, queue_id, all_in("deferred"), "deferred")
+        assert state.last_reply is not None and "certificate" in state.last_reply.lower(), state.last_reply
+        assert relay.messages == []

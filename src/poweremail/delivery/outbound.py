@@ -137,31 +137,12 @@ class OutboundConnection:
             if hop.login is not None:
                 user, password = hop.login
                 await client.login(user, password)
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            client.close()
-            # Our own credentials at the relay are wrong: the mail is not at fault, so never bounce it.
-            raise HopFailure(f"login at {hop.describe()} refused: {_reply(exc)}") from None
-        except aiosmtplib.SMTPResponseException as exc:
-            client.close()
-            raise HopFailure(f"{hop.describe()} answered {_reply(exc)}", permanent=exc.code >= 500) from None
         except (HopFailure, _TlsHandshakeFailed):
             client.close()
             raise
-        except aiosmtplib.SMTPConnectTimeoutError:
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             client.close()
-            raise HopFailure(f"no answer from {hop.describe()} within {reply_timeout:g}s") from None
-        except aiosmtplib.SMTPConnectError as exc:
-            client.close()
-            raise HopFailure(f"connection to {hop.describe()} failed: {_why(exc)}") from None
-        except aiosmtplib.SMTPTimeoutError:
-            client.close()
-            raise HopFailure(f"{hop.describe()} did not answer within {reply_timeout:g}s") from None
-        except aiosmtplib.SMTPException as exc:
-            client.close()
-            raise HopFailure(f"{hop.describe()}: {exc}") from None
-        except (OSError, ssl.SSLError) as exc:
-            client.close()
-            raise HopFailure(f"connection to {hop.describe()} failed: {exc.strerror or exc}") from None
+            raise _hop_failure(exc, hop, reply_timeout) from None
         return cls(hop, client)
 
     @property
@@ -175,28 +156,12 @@ class OutboundConnection:
         client, host = self._client, self.hop.describe()
         smtputf8 = needs_smtputf8(mail_from, *recipients)
         if smtputf8 and not client.supports_extension("smtputf8"):
-            return [
-                RecipientResult(
-                    address,
-                    "permanent",
-                    f"{host} does not support SMTPUTF8, which this message's addresses need (RFC 6531)",
-                    remote=False,
-                    status="5.6.7",
-                )
-                for address in recipients
-            ]
+            why = f"{host} does not support SMTPUTF8, which this message's addresses need (RFC 6531)"
+            return _refuse_all(recipients, why, status="5.6.7")
         max_size = client.esmtp_extensions.get("size", "")
         if max_size.isdigit() and int(max_size) and len(data) > int(max_size):
-            return [
-                RecipientResult(
-                    address,
-                    "permanent",
-                    f"the message ({len(data)} bytes) is larger than {host} takes ({max_size} bytes)",
-                    remote=False,
-                    status="5.3.4",
-                )
-                for address in recipients
-            ]
+            why = f"the message ({len(data)} bytes) is larger than {host} takes ({max_size} bytes)"
+            return _refuse_all(recipients, why, status="5.3.4")
         options = []
         if client.supports_extension("size"):
             options.append(f"SIZE={len(data)}")
@@ -265,10 +230,34 @@ class _TlsHandshakeFailed(Exception):
         self.reason = reason
 
 
+def _refuse_all(recipients: Sequence[str], why: str, *, status: str) -> list[RecipientResult]:
+    """A local, permanent refusal of every recipient: the message cannot go to this server as it is."""
+    return [RecipientResult(address, "permanent", why, remote=False, status=status) for address in recipients]
+
+
+def _hop_failure(exc: BaseException, hop: Hop, reply_timeout: float) -> HopFailure:
+    """What went wrong before a transaction could start, in words for the recipient's last_reply."""
+    where = hop.describe()
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        # Our own credentials at the relay are wrong: the mail is not at fault, so never bounce it.
+        return HopFailure(f"login at {where} refused: {_reply(exc)}")
+    if isinstance(exc, aiosmtplib.SMTPResponseException):  # a refusing greeting, EHLO or STARTTLS
+        return HopFailure(f"{where} answered {_reply(exc)}", permanent=exc.code >= 500)
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
+        return HopFailure(f"no answer from {where} within {reply_timeout:g}s")
+    if isinstance(exc, aiosmtplib.SMTPConnectError):
+        return HopFailure(f"connection to {where} failed: {_why(exc)}")
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+        return HopFailure(f"{where} did not answer within {reply_timeout:g}s")
+    if isinstance(exc, OSError) and not isinstance(exc, aiosmtplib.SMTPException):
+        return HopFailure(f"connection to {where} failed: {exc.strerror or exc}")
+    return HopFailure(f"{where}: {exc}")
+
+
 def _why(exc: BaseException) -> str:
     """The operating system's reason ("Connection refused"), not aiosmtplib's wrapping of it."""
     cause = exc.__cause__
-    if isinstance(cause, OSError) and cause.errno is not None:
+    if isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError) and cause.errno is not None:
         return os.strerror(cause.errno).lower()  # asyncio's own text is "Connect call failed (…)"
     return str(cause or exc)
 

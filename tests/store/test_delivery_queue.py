@@ -519,6 +519,24 @@ def test_no_bounce_when_nothing_bounced(q: Queue) -> None:
     assert len(q.rows()) == 2
 
 
+def test_a_report_that_cannot_be_built_still_records_the_bounce(q: Queue) -> None:
+    """``build`` returning None (the worker could not build a report) must not keep the recipient
+    from being recorded: unrecorded, it would be attempted again after every lease."""
+    message_id, [r1] = q.queue("r1@example.com", at=T0)
+    q.claim("w1", now=T0)
+    built: list[Collection[int]] = []
+
+    def no_report(ids: Collection[int]) -> None:
+        built.append(ids)
+        return None
+
+    bounce = PlannedBounce(message_id=message_id, mail_to=SENDER, build=no_report)
+    assert q.record("w1", now=T0, outcomes=[_outcome(r1, "bounced")], bounce=bounce) == 1
+    assert built == [[r1]]
+    assert q.rows()[r1].state == "bounced"
+    assert q.bounces_of(message_id) == []
+
+
 def test_a_bounce_and_its_state_change_are_one_transaction(q: Queue) -> None:
     message_id, [r1, r2] = q.queue("r1@example.com", "r2@example.com", at=T0)
     q.claim("w1", now=T0, until=T0 + LEASE)

@@ -377,19 +377,25 @@ class DeliveryWorker:
 
     def _build_bounce(
         self, message: QueuedMessage, recipients: Sequence[FailedRecipient], now: datetime
-    ) -> tuple[str, bytes]:
+    ) -> tuple[str, bytes] | None:
+        """The report, or None if it cannot be built: the outcome must still be recorded, or the
+        recipient would be attempted again and again."""
         queue_id = new_queue_id()
         hostname = self._settings.hostname
-        data = build_bounce(
-            reporting_mta=hostname,
-            original_mail_from=message.mail_from,
-            original_queue_id=message.queue_id,
-            original_accepted_at=message.accepted_at,
-            original_message=message.data,
-            recipients=recipients,
-            now=now,
-            message_id=f"<{queue_id}@{hostname}>",
-        )
+        try:
+            data = build_bounce(
+                reporting_mta=hostname,
+                original_mail_from=message.mail_from,
+                original_queue_id=message.queue_id,
+                original_accepted_at=message.accepted_at,
+                original_message=message.data,
+                recipients=recipients,
+                now=now,
+                message_id=f"<{queue_id}@{hostname}>",
+            )
+        except ValueError:
+            logger.exception("delivery: no bounce report for %s: it cannot be built", message.queue_id)
+            return None
         return queue_id, data
 
     # --- leases and stopping -----------------------------------------------------------------

@@ -69,7 +69,7 @@ class PlannedBounce:
 
     message_id: int
     mail_to: str
-    build: Callable[[Collection[int]], tuple[str, bytes]]  # → (queue id, message bytes)
+    build: Callable[[Collection[int]], tuple[str, bytes] | None]  # → (queue id, bytes), None: no report
 
 
 _DUE = (
@@ -202,10 +202,17 @@ def record_outcomes(
             if outcome.state == "bounced":
                 bounced.append(outcome.recipient_id)
     if bounce is not None and bounced:
-        queue_id, data = bounce.build(bounced)
-        queue_bounce(
-            conn, bounce_of=bounce.message_id, queue_id=queue_id, mail_to=bounce.mail_to, data=data, now=now
-        )
+        report = bounce.build(bounced)
+        if report is not None:
+            queue_id, data = report
+            queue_bounce(
+                conn,
+                bounce_of=bounce.message_id,
+                queue_id=queue_id,
+                mail_to=bounce.mail_to,
+                data=data,
+                now=now,
+            )
     return recorded
 
 

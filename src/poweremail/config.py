@@ -72,6 +72,10 @@ class Settings(BaseSettings):
         1.0, ge=0, description="seconds added per recent failure before answering 535"
     )
 
+    shutdown_grace: float = Field(
+        30, ge=0, description="seconds open SMTP transactions and deliveries get to finish on SIGTERM"
+    )
+
     # --- serve: delivery (SPEC §5) ---
     relay: str | None = Field(None, description="HOST:PORT to deliver everything through (else by MX)")
     relay_user: str | None = Field(None, description="login name at the relay")

@@ -1,7 +1,9 @@
 """One node: the roles ``poweremail serve`` runs (API, SMTP submission, delivery), in one event loop.
 
 Every socket is bound first, so a port in use stops the program before anything has started.
-SIGINT and SIGTERM stop every role and close the database.
+SIGINT and SIGTERM stop the node gracefully: listeners close, open SMTP transactions and deliveries
+in flight may finish (for at most ``--shutdown-grace`` seconds), unattempted delivery claims are
+given back, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from poweremail.config import Settings
 from poweremail.delivery.worker import DeliveryWorker
 from poweremail.listeners import bind_tcp, describe
 from poweremail.services import Services, open_services
-from poweremail.smtp.server import start_smtp_servers
+from poweremail.smtp.server import SubmissionServers, start_smtp_servers
 
 logger = logging.getLogger("poweremail")
 
@@ -76,7 +78,7 @@ async def run_node(settings: Settings) -> None:
 
     tasks: list[asyncio.Task[None]] = []
     api_server: _ApiServer | None = None
-    smtp_servers: list[asyncio.Server] = []
+    smtp_servers: SubmissionServers | None = None
     try:
         if "submission" in sockets:
             smtp_servers = await start_smtp_servers(
@@ -110,11 +112,17 @@ async def run_node(settings: Settings) -> None:
         stop_waiter.cancel()
         logger.info("stopping")
     finally:
+        # Graceful: accept nothing new, let what is under way finish (at most --shutdown-grace),
+        # give back delivery claims, then close the store. A restart right after loses nothing.
+        stop.set()  # also when a role failed: the others must end too
         if api_server is not None:
             api_server.should_exit = True
-        for server in smtp_servers:
-            server.close()
+        if smtp_servers is not None:
+            cut_off = await smtp_servers.stop(grace=settings.shutdown_grace)
+            if cut_off:
+                logger.warning("closed %d SMTP session(s) still in a transaction (no 250 sent)", cut_off)
         await asyncio.gather(*tasks, return_exceptions=True)
         await services.close()
+        logger.info("stopped")
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -118,6 +118,7 @@ class DeliveryWorker:
         self._in_hand: set[int] = set()  # recipient ids leased to us and not yet recorded
         self._tasks: set[asyncio.Task[None]] = set()
         self._job_done = asyncio.Event()
+        self._stopping = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set; then finish what is in hand (bounded) and give back the rest."""
@@ -211,6 +212,9 @@ class DeliveryWorker:
         message_id = recipients[0].message_id
         try:
             async with self._slots:
+                if self._stopping:  # claimed but not started: another worker (or our restart) takes it
+                    await self._give_back(ids)
+                    return
                 try:
                     loaded = await self._database.read(
                         lambda conn: delivery_queue.load_messages(conn, [message_id])
@@ -419,10 +423,11 @@ class DeliveryWorker:
 
     async def _finish(self, background: list[asyncio.Task[None]]) -> None:
         """Let jobs in flight finish (bounded), cancel the rest and give their recipients back."""
+        self._stopping = True
         for task in background:
             task.cancel()
         if self._tasks:
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=self._settings.smtp_out_timeout)
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=self._settings.shutdown_grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)

@@ -156,6 +156,8 @@ class SubmissionHandler:
         address: str,
         options: list[str],
     ) -> str:
+        if server.draining():  # the node is stopping: no new transaction (drain_sessions closes us)
+            return replies.SHUTTING_DOWN
         identity = _identity(session)
         try:
             now = datetime.now(UTC)

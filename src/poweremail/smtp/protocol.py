@@ -43,6 +43,8 @@ class ConnectionPolicy:
     session_timeout: float
     plaintext_auth_on_loopback: bool
     open_connections: Counter[str] = field(default_factory=Counter)
+    sessions: set[SubmissionSMTP] = field(default_factory=set)  # every accepted connection, live
+    draining: bool = False  # the node is stopping: finish open transactions, start none
 
 
 def is_loopback(host: str) -> bool:
@@ -89,6 +91,7 @@ class SubmissionSMTP(SMTP):
             transport.close()
             return
         counts[self.client_host] += 1
+        self._policy.sessions.add(self)
         if self._implicit_tls or (self._policy.plaintext_auth_on_loopback and is_loopback(self.client_host)):
             self._auth_require_tls = False
         self._deadline = self.loop.call_later(self._policy.session_timeout, self._end_long_session)
@@ -98,6 +101,7 @@ class SubmissionSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
+        self._policy.sessions.discard(self)
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -112,6 +116,19 @@ class SubmissionSMTP(SMTP):
             return False
         result: bool | None = super().eof_received()
         return result
+
+    def in_transaction(self) -> bool:
+        """Between MAIL and the reply to the end of DATA. aiosmtpd resets the envelope right before it
+        writes that reply, in the same step: a session not in a transaction owes its client no reply
+        about a message."""
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def draining(self) -> bool:
+        return self._policy.draining
+
+    def close_soon(self, reply: str) -> None:
+        if self._closing is None:
+            self._closing = self.loop.create_task(self.close_with(reply))
 
     def _end_long_session(self) -> None:
         self._closing = self.loop.create_task(self.close_with(replies.SESSION_TOO_LONG))
@@ -131,3 +148,27 @@ class SubmissionSMTP(SMTP):
             await super().push(replies.REWRITES.get(status, status))
         else:
             await super().push(status)
+
+
+async def drain_sessions(policy: ConnectionPolicy, *, grace: float) -> int:
+    """Stop every session of a node that is shutting down (its listeners already closed).
+
+    Sessions outside a transaction are told 421 and closed at once; a session in a transaction is
+    left to finish it (its 250 means stored, its refusal means nothing was) and then closed, for at
+    most ``grace`` seconds. Whatever is still open then is closed without a reply: no 250 was sent
+    for it, so its client still has the message. Returns how many were cut off that way.
+    """
+    policy.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while policy.sessions and loop.time() < deadline:
+        for session in list(policy.sessions):
+            if not session.in_transaction():
+                session.close_soon(replies.SHUTTING_DOWN)
+        await asyncio.sleep(0.05)
+    cut_off = 0
+    for session in list(policy.sessions):
+        if session.transport is not None:
+            session.transport.close()
+            cut_off += 1
+    return cut_off

@@ -36,6 +36,8 @@ HOURLY_LIMIT_NEVER: Final = (
 
 TOO_MANY_CONNECTIONS: Final = "421 4.7.0 Too many connections from your address; try again later"
 SESSION_TOO_LONG: Final = "421 4.4.2 Session lasted too long; closing connection"
+# RFC 5321 §3.8: a server shutting down answers 421; RFC 3463 4.3.2: not accepting messages.
+SHUTTING_DOWN: Final = "421 4.3.2 Service shutting down; try again later"
 STORE_UNAVAILABLE: Final = "451 4.3.0 Message not stored: temporary local problem; try again later"
 LOCAL_ERROR: Final = "451 4.3.0 Local error in processing"
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from dataclasses import dataclass
 from typing import Final
 
 from poweremail.domain.throttle import FailedLoginThrottle
 from poweremail.services import Services
 from poweremail.smtp.handler import SubmissionHandler
-from poweremail.smtp.protocol import ConnectionPolicy, SubmissionSMTP
+from poweremail.smtp.protocol import ConnectionPolicy, SubmissionSMTP, drain_sessions
 from poweremail.smtp.tls import certificate_paths, server_context
 
 # Per session, per command (aiosmtpd's command_call_limit; over it: 421 and close). Commands that
@@ -38,9 +39,24 @@ class _DropLoginDataDeprecation(logging.Filter):
         return "login_data is deprecated" not in record.getMessage()
 
 
+@dataclass
+class SubmissionServers:
+    """The node's two listeners and the sessions they accepted."""
+
+    listeners: list[asyncio.Server]
+    policy: ConnectionPolicy
+
+    async def stop(self, *, grace: float) -> int:
+        """Accept nothing more, let open transactions finish for up to ``grace`` seconds, close every
+        session; returns how many had to be cut off mid-transaction (see drain_sessions)."""
+        for listener in self.listeners:
+            listener.close()
+        return await drain_sessions(self.policy, grace=grace)
+
+
 async def start_smtp_servers(
     services: Services, *, submission_socket: socket.socket, smtps_socket: socket.socket
-) -> list[asyncio.Server]:
+) -> SubmissionServers:
     settings = services.settings
     logging.getLogger("mail.log").addFilter(_DropLoginDataDeprecation())
     tls_context = server_context(*certificate_paths(settings))
@@ -76,7 +92,8 @@ async def start_smtp_servers(
         )
 
     loop = asyncio.get_running_loop()
-    return [
+    listeners = [
         await loop.create_server(lambda: protocol(implicit_tls=False), sock=submission_socket),
         await loop.create_server(lambda: protocol(implicit_tls=True), sock=smtps_socket, ssl=tls_context),
     ]
+    return SubmissionServers(listeners, policy)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import socket
 from collections.abc import Iterator
@@ -33,6 +34,31 @@ class _ApiServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+# When the hard limit on open files is unlimited, ask for Linux's default ceiling (fs.nr_open).
+_UNLIMITED_OPEN_FILES = 1 << 20
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one; returns the limit now in force.
+
+    Every SMTP session holds a socket. The soft limit most systems start a process with (1,024)
+    let the node hold about a thousand sessions: 1,000 idle connections were enough to stop it
+    accepting any more, the rightful users' included, and asyncio logged an error with a traceback
+    for every accept it retried. The hard limit is what the administrator allows; raising the soft
+    one up to it needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _UNLIMITED_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("could not raise the limit on open files from %d to %d: %s", soft, wanted, exc)
+        return soft
+    return wanted
 
 
 def _bind_all(settings: Settings) -> dict[str, socket.socket]:
@@ -69,6 +95,7 @@ def _api_server(services: Services) -> _ApiServer:
 
 
 async def run_node(settings: Settings) -> None:
+    open_files = raise_open_file_limit()
     sockets = _bind_all(settings)
     services = await open_services(settings)
     stop = asyncio.Event()
@@ -102,7 +129,10 @@ async def run_node(settings: Settings) -> None:
             tasks.append(asyncio.create_task(api_server.serve(sockets=[sockets["api"]]), name="api"))
             logger.info("API on http://%s (docs at /docs)", describe(sockets["api"]))
         logger.info(
-            "PowerEmail node running roles %s on %s", ",".join(settings.roles), services.database.dialect
+            "PowerEmail node running roles %s on %s (up to %d open files)",
+            ",".join(settings.roles),
+            services.database.dialect,
+            open_files,
         )
         stop_waiter = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([stop_waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 # Enough to absorb every waiting SMTP session of a busy node in one commit, few enough that one
 # batch never holds SQLite's write lock for long.
@@ -38,6 +40,22 @@ class _Outcome:
 
 
 _STOP = object()
+
+
+class TransactionLostError(SQLAlchemyError):
+    """SQLite rolled back a batch's whole transaction after an error (a full or failing disk)."""
+
+    def __init__(self, cause: BaseException | None) -> None:
+        # The first error SQLite gave, not what SQLAlchemy met next ("no such savepoint").
+        reason, error = "no error seen", cause
+        for _ in range(10):
+            if error is None:
+                break
+            if isinstance(error, sqlite3.Error):
+                reason = str(error)
+            error = error.__cause__ or error.__context__
+        super().__init__(f"SQLite rolled back the transaction: nothing of this batch is stored ({reason})")
+        self.__cause__ = cause
 
 
 class BatchingWorkers:
@@ -97,6 +115,8 @@ class BatchingWorkers:
         try:
             with self._engine.connect() as conn:
                 conn = conn.execution_options(poweremail_write=True)
+                sqlite = conn.connection.dbapi_connection
+                assert sqlite is not None
                 with conn.begin():
                     for job in batch:
                         try:
@@ -104,7 +124,13 @@ class BatchingWorkers:
                                 outcomes.append(_Outcome(job, value=job.work(conn)))
                         except Exception as error:
                             outcomes.append(_Outcome(job, error=error))
-        except Exception as error:  # BEGIN or COMMIT failed: nothing of this batch is stored
+                        if not sqlite.in_transaction:
+                            # A disk that is full or fails (SQLITE_FULL, SQLITE_IOERR) can make SQLite
+                            # roll back the whole transaction, not just the failing statement: the jobs
+                            # before this one are gone too, and the ones after it would each commit on
+                            # their own, while COMMIT would find nothing to do and succeed.
+                            raise TransactionLostError(outcomes[-1].error)
+        except Exception as error:  # BEGIN or COMMIT failed, or SQLite rolled back: nothing is stored
             return [_Outcome(job, error=error) for job in batch]
         return outcomes
 

@@ -34,6 +34,9 @@ def create_app(services: Services) -> FastAPI:
             message = f"there is no call {request.url.path}"
         else:
             message = str(exc.detail)
-        return error_response(ValidationError(message), exc.status_code)
+        response = error_response(ValidationError(message), exc.status_code)
+        # A 405 must say what is allowed (RFC 9110 §15.5.6): Starlette puts it in the headers.
+        response.headers.update(exc.headers or {})
+        return response
 
     return app

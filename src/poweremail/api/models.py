@@ -15,7 +15,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from poweremail.domain.limits import LIMIT_RULE, MAX_LIMIT, parse_limit, parse_whole_number
 from poweremail.errors import ValidationError
 
-NonEmptyString = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=256)]
+# No NUL character: no owner or SMTP user has one, and PostgreSQL cannot even hold one to compare.
+NonEmptyString = Annotated[
+    str, StringConstraints(strict=True, min_length=1, max_length=256, pattern=r"^[^\x00]*$")
+]
 
 
 def _parse_status(value: object) -> object:
@@ -27,14 +30,66 @@ def _parse_status(value: object) -> object:
     raise ValueError("must be 'Enable' or 'Disable'")
 
 
+def _digits(first: int, last: int, then: int = 0) -> str:
+    """A regular expression for one digit from ``first`` to ``last``, then ``then`` digits of any value."""
+    head = str(first) if first == last else f"[{first}-{last}]"
+    return head + ("" if then == 0 else "[0-9]" if then == 1 else f"[0-9]{{{then}}}")
+
+
+def _digit_runs(low: str, high: str) -> list[str]:
+    """Regular expressions that together match exactly the digit strings from ``low`` to ``high``,
+    two strings of the same length."""
+    if low == high:
+        return [low]
+    rest = len(low) - 1
+    if low[0] == high[0]:
+        return [low[0] + run for run in _digit_runs(low[1:], high[1:])]
+    runs = []
+    first, last = int(low[0]), int(high[0])
+    if low[1:] != "0" * rest:  # low's leading digit only with what follows from low on
+        runs += [low[0] + run for run in _digit_runs(low[1:], "9" * rest)]
+        first += 1
+    if high[1:] != "9" * rest:
+        last -= 1
+    if first <= last:
+        runs.append(_digits(first, last, rest))
+    if high[1:] != "9" * rest:  # high's leading digit only with what follows up to high
+        runs += [high[0] + run for run in _digit_runs("0" * rest, high[1:])]
+    return runs
+
+
+def digits_pattern(minimum: int, maximum: int) -> str:
+    """The JSON Schema ``pattern`` of the strings of ASCII digits whose value is from ``minimum`` to
+    ``maximum`` (leading zeros allowed): exactly the strings ``parse_whole_number`` accepts."""
+    runs: list[str] = []
+    whole: list[int] = []  # lengths (after the first digit) whose every number is in range: one run
+    for length in range(len(str(minimum)), len(str(maximum)) + 1):
+        low = max(minimum, 10 ** (length - 1) if length > 1 else 0)
+        high = min(maximum, 10**length - 1)
+        if length > 1 and (low, high) == (10 ** (length - 1), 10**length - 1):
+            if not whole:
+                runs.append("")  # its place, filled in below
+            whole.append(length - 1)
+        else:
+            runs += _digit_runs(str(low), str(high))
+    if whole:
+        runs[runs.index("")] = (
+            _digits(1, 9, whole[0]) if len(whole) == 1 else f"[1-9][0-9]{{{whole[0]},{whole[-1]}}}"
+        )
+    return "^0*(?:" + "|".join(runs) + ")$"
+
+
+# JSON Schema counts 5.0 as an integer too and has no way to say otherwise: the description says it.
+_WRITTEN_AS_INTEGER = "written as an integer: 5, not 5.0 or 5e0"
+
 Limit = Annotated[
     int,
     BeforeValidator(parse_limit),
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-                {"type": "string", "pattern": "^[0-9]+$"},
+                {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "description": _WRITTEN_AS_INTEGER},
+                {"type": "string", "pattern": digits_pattern(1, MAX_LIMIT)},
             ],
             "description": f"A positive whole number, as a JSON integer or a string of digits; {LIMIT_RULE}.",
         }
@@ -43,7 +98,14 @@ Limit = Annotated[
 Status = Annotated[
     Literal["Enable", "Disable"],
     BeforeValidator(_parse_status),
-    WithJsonSchema({"type": "string", "enum": ["Enable", "Disable"], "description": "Any letter case."}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": "^(?:[Ee][Nn][Aa][Bb][Ll][Ee]|[Dd][Ii][Ss][Aa][Bb][Ll][Ee])$",
+            "examples": ["Enable", "Disable"],
+            "description": "Enable or Disable, in any letter case.",
+        }
+    ),
 ]
 
 
@@ -63,10 +125,17 @@ class _OneSmtpUserRequest(_Request):
     smtp_user_name: NonEmptyString = Field(description="a valid smtp user name")
 
 
+def _never_null(schema: dict[str, Any]) -> None:
+    """The document of an optional parameter that may be left out but is never null (null is refused)."""
+    schema.pop("default", None)
+    [branch] = [branch for branch in schema.pop("anyOf") if branch != {"type": "null"}]
+    schema.update({**branch, **schema})
+
+
 class EditSmtpRequest(_OneSmtpUserRequest):
     total_limit: Limit
-    hourly_limit: Limit | None = None
-    status: Status | None = None
+    hourly_limit: Limit | None = Field(None, json_schema_extra=_never_null)
+    status: Status | None = Field(None, json_schema_extra=_never_null)
 
     @pydantic.field_validator("hourly_limit", "status", mode="before")
     @classmethod
@@ -102,8 +171,13 @@ def _whole_number_schema(minimum: int, maximum: int, description: str) -> WithJs
     return WithJsonSchema(
         {
             "anyOf": [
-                {"type": "integer", "minimum": minimum, "maximum": maximum},
-                {"type": "string", "pattern": "^[0-9]+$"},
+                {
+                    "type": "integer",
+                    "minimum": minimum,
+                    "maximum": maximum,
+                    "description": _WRITTEN_AS_INTEGER,
+                },
+                {"type": "string", "pattern": digits_pattern(minimum, maximum)},
             ],
             "description": f"{description}: a JSON integer or a string of digits, {minimum} to {maximum}.",
         }
@@ -133,6 +207,7 @@ _ERROR_TEXT = {
     "string_type": "must be a string",
     "string_too_short": "must not be empty",
     "string_too_long": "is too long",
+    "string_pattern_mismatch": "must not contain a NUL character",
 }
 
 

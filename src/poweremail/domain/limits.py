@@ -25,7 +25,9 @@ def parse_whole_number(value: object, *, minimum: int, maximum: int) -> int:
     if isinstance(value, int):
         number = value
     elif isinstance(value, str) and value.isascii() and value.isdigit():
-        number = int(value)
+        # Leading zeros are fine ("007"), however many: int() refuses more than 4,300 digits.
+        digits = value.lstrip("0")
+        number = int(digits or "0") if len(digits) <= len(str(maximum)) else maximum + 1
     else:
         raise ValueError(rule)
     if not minimum <= number <= maximum:

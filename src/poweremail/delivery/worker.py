@@ -116,6 +116,10 @@ class DeliveryWorker:
         self._slots = asyncio.Semaphore(settings.delivery_concurrency)
         self._lease = timedelta(seconds=settings.delivery_lease)
         self._in_hand: set[int] = set()  # recipient ids leased to us and not yet recorded
+        # Set when the store failed us in a way that may leave leases of ours that nothing here works
+        # on (a claim that committed but whose answer was lost, a lease we could not give back): once
+        # the store answers again they are given back, rather than sitting out the lease.
+        self._strays = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._job_done = asyncio.Event()
         self._stopping = False
@@ -132,6 +136,8 @@ class DeliveryWorker:
                 # Cleared before looking: whatever is queued or finishes from here on wakes the wait.
                 self._services.mail_queued.clear()
                 self._job_done.clear()
+                if self._strays:
+                    await self._give_back_strays()
                 room = _CLAIM_AHEAD * self._settings.delivery_concurrency - len(self._in_hand)
                 jobs = await self._claim(room) if room > 0 else []
                 if jobs:
@@ -170,6 +176,7 @@ class DeliveryWorker:
             )
         except Exception:
             logger.exception("delivery: claiming due mail failed; trying again")
+            self._strays = True  # it may have committed all the same
             return []
         self._in_hand.update(recipient.id for recipient in claimed)
 
@@ -445,7 +452,23 @@ class DeliveryWorker:
                 )
             )
         except Exception:
-            logger.exception("delivery: could not give back %d lease(s); they expire", len(recipient_ids))
+            then = "they expire" if self._stopping else "trying again"
+            logger.exception("delivery: could not give back %d lease(s); %s", len(recipient_ids), then)
+            self._strays = True
+
+    async def _give_back_strays(self) -> None:
+        """Give back every lease of ours that nothing here works on."""
+        keep = set(self._in_hand)
+        self._strays = False  # before, not after: a failure meanwhile sets it again
+        try:
+            released = await self._database.write(
+                lambda conn: delivery_queue.release_leases(conn, worker=self._worker, keep=keep)
+            )
+        except Exception:
+            self._strays = True  # still away: the claim that follows says so in the log
+            return
+        if released:
+            logger.info("delivery: gave back %d lease(s) left over from a store failure", released)
 
 
 def _cancelling() -> bool:

@@ -136,6 +136,7 @@ _RELEASE_ALL = (
     .values(locked_by=None, locked_until=None)
 )
 _RELEASE = _RELEASE_ALL.where(recipients.c.id.in_(sa.bindparam("ids", expanding=True)))
+_RELEASE_ALL_BUT = _RELEASE_ALL.where(recipients.c.id.not_in(sa.bindparam("keep", expanding=True)))
 _INSERT_MESSAGE = messages.insert().returning(messages.c.id)
 _INSERT_CONTENT = message_contents.insert()
 _INSERT_RECIPIENT = recipients.insert()
@@ -250,10 +251,18 @@ def extend_leases(conn: Connection, *, worker: str, recipient_ids: Collection[in
         conn.execute(_EXTEND, {"ids": list(recipient_ids), "worker": worker, "until": until})
 
 
-def release_leases(conn: Connection, *, worker: str, recipient_ids: Collection[int] | None = None) -> int:
+def release_leases(
+    conn: Connection,
+    *,
+    worker: str,
+    recipient_ids: Collection[int] | None = None,
+    keep: Collection[int] = (),
+) -> int:
     """Give back claims not attempted (a stopping worker), or all of ``worker``'s (one starting
-    again: SPEC §5, "a restarted node resumes its own at once")."""
+    again: SPEC §5, "a restarted node resumes its own at once") but those in ``keep``."""
     if recipient_ids is None:
+        if keep:
+            return conn.execute(_RELEASE_ALL_BUT, {"worker": worker, "keep": list(keep)}).rowcount
         return conn.execute(_RELEASE_ALL, {"worker": worker}).rowcount
     if not recipient_ids:
         return 0

@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     failed_login_delay: float = Field(
         1.0, ge=0, description="seconds added per recent failure before answering 535"
     )
+    # Issue 6: guessing one user's password from many addresses. Per node, like the above.
+    failed_logins_per_user: int = Field(
+        30, ge=1, description="failed logins per SMTP user name in the window; then new addresses get 454"
+    )
+    failed_login_user_window: float = Field(
+        600, gt=0, description="seconds over which --failed-logins-per-user come back"
+    )
 
     shutdown_grace: float = Field(
         30, ge=0, description="seconds open SMTP transactions and deliveries get to finish on SIGTERM"

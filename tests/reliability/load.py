@@ -31,7 +31,7 @@ class _Connection:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     trickle: Iterator[int] | None = None  # the bytes it sends, one a second; None: idle
-    opened_at: float = 0.0
+    idle_since: float = 0.0  # its last complete command (the server's idle timer restarts there)
     closed_at: float | None = None  # when the server closed it
 
 
@@ -41,7 +41,7 @@ class LoadReport:
     open_seconds: float = 0.0
     trickle_rounds: int = 0  # seconds in which every trickling connection sent its byte
     closed_by_server: int = 0
-    longest_life: float = 0.0  # from the greeting to the server closing it
+    longest_idle: float = 0.0  # from the last complete command to the server closing it
     errors: list[str] = field(default_factory=list)
 
 
@@ -151,7 +151,7 @@ class Load:
         except BaseException:
             writer.close()
             raise
-        connection.opened_at = time.monotonic()
+        connection.idle_since = time.monotonic()
         return connection
 
     async def _open_idle(self, source: str) -> _Connection:
@@ -180,6 +180,7 @@ class Load:
             if not reply.startswith(expected):
                 connection.writer.close()
                 raise AssertionError(f"{command.split()[0]}: {reply!r}")
+        connection.idle_since = time.monotonic()
         connection.trickle = itertools.cycle(b"Subject: slow\r\n\r\nOne byte a second.\r\n")
         return connection
 
@@ -207,7 +208,7 @@ class Load:
             pass
         connection.closed_at = time.monotonic()
         self.report.closed_by_server += 1
-        self.report.longest_life = max(self.report.longest_life, connection.closed_at - connection.opened_at)
+        self.report.longest_idle = max(self.report.longest_idle, connection.closed_at - connection.idle_since)
 
 
 async def _reply(reader: asyncio.StreamReader) -> bytes:

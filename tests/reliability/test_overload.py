@@ -12,13 +12,17 @@ Numbers are printed (``pytest -s``) for docs/RELIABILITY.md.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
+import random
 import resource
 import smtplib
 import statistics
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -137,6 +141,8 @@ def test_a_legitimate_client_sends_in_its_normal_time_under_1500_hostile_connect
         login=(user.name, user.password),
     )
     try:
+        # Every one greeted; the 250 trickling transactions all logged in, at once, from 50 addresses
+        # this user never used: the per-user throttle made them wait for each other, not refused them.
         opened = load.start()
         assert opened.opened == CONNECTIONS
         rss_loaded, files_loaded = _status(pid, "VmRSS"), _open_files(pid)
@@ -164,7 +170,7 @@ def test_a_legitimate_client_sends_in_its_normal_time_under_1500_hostile_connect
         # second is not a command; a transaction that does not end is not one either.
         closed = load.wait_closed_by_server(timeout=IDLE_TIMEOUT + 10)
         assert closed.closed_by_server == CONNECTIONS
-        assert closed.longest_life < IDLE_TIMEOUT + 3
+        assert closed.longest_idle < IDLE_TIMEOUT + 3
     finally:
         load.stop()
     time.sleep(0.5)
@@ -185,3 +191,135 @@ def test_a_legitimate_client_sends_in_its_normal_time_under_1500_hostile_connect
     )
     assert max(loaded_times) < max(2.0, 5 * max(idle_times))
     assert per_connection < 64  # KiB; about 12 measured
+
+
+# --- password guessing against one SMTP user from many addresses ---------------------------------
+
+PER_USER = 10  # --failed-logins-per-user
+PER_USER_WINDOW = 10.0  # --failed-login-user-window: one failure back a second
+GUESSERS = addresses("127.7", 20)
+RIGHTFUL = "127.6.0.1"
+ATTACK_SECONDS = 8.0
+GUESSES_PER_SECOND_PER_ADDRESS = 10  # 200 a second in all, 20x what the configured rate answers
+
+
+@dataclass
+class _Guessing:
+    verdicts: list[float] = field(default_factory=list)  # when each guess was checked (535/421)
+    unchecked: int = 0  # answered 454 4.7.0 without a verdict
+    unexpected: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _guess_from(source: str, port: int, name: str, until: float, seen: _Guessing) -> None:
+    """Wrong passwords for ``name`` as fast as the pacing allows, reconnecting when the server closes."""
+    pause = 1 / GUESSES_PER_SECOND_PER_ADDRESS  # on average
+    attempt = 0
+    while time.monotonic() < until:
+        with RawSMTP(port, source=source) as smtp:
+            smtp.command("EHLO guesser.example")
+            for _ in range(8):  # under the per-session AUTH command limit (10)
+                if time.monotonic() >= until:
+                    break
+                attempt += 1
+                token = base64.b64encode(f"\0{name}\0guess-{source}-{attempt}".encode()).decode()
+                reply = smtp.command(f"AUTH PLAIN {token}")
+                with seen.lock:
+                    if reply in (replies.AUTH_INVALID, replies.AUTH_TOO_MANY_IN_SESSION):
+                        seen.verdicts.append(time.monotonic())
+                    elif reply == replies.AUTH_USER_THROTTLED:
+                        seen.unchecked += 1
+                    else:
+                        seen.unexpected.append(reply)
+                if reply.startswith("421"):
+                    break  # three verdicts in this session: it was closed
+                time.sleep(random.uniform(0, 2 * pause))  # not in step with the other addresses
+
+
+def _login_and_send(port: int, user: SmtpUser, source: str) -> float:
+    started = time.perf_counter()
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(source, 0)) as client:
+        client.login(user.name, user.password)
+        assert client.sendmail("app@sender.test", ["ann@example.test"], MESSAGE) == {}
+    return time.perf_counter() - started
+
+
+def test_guessing_one_users_password_from_many_addresses_runs_at_the_configured_rate(tmp_path: Path) -> None:
+    server = ServerProcess(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        log_path=tmp_path / "serve.log",
+        extra_args=(
+            "--failed-logins-per-user", str(PER_USER),
+            "--failed-login-user-window", str(PER_USER_WINDOW),
+            # The per-address throttle out of the way: what holds the rate here is the per-user one.
+            "--failed-logins-per-address", "100000",
+            "--failed-login-delay", "0",
+        ),
+    ).start()  # fmt: skip
+    try:
+        user = add_smtp_user(server, create_owner(server.database_url))
+        idle_times = [_login_and_send(server.smtp_port, user, RIGHTFUL) for _ in range(3)]
+
+        seen = _Guessing()
+        started = time.monotonic()
+        until = started + ATTACK_SECONDS
+        guessers = [
+            threading.Thread(target=_guess_from, args=(source, server.smtp_port, user.name, until, seen))
+            for source in GUESSERS
+        ]
+        for guesser in guessers:
+            guesser.start()
+        rightful_times, from_new_addresses = [], []
+        try:
+            for n, at in enumerate((1.5, 3.0, 4.5, 6.0)):
+                # The rightful user, from its usual address, during the attack: checked, logged in.
+                time.sleep(max(0.0, started + at - time.monotonic()))
+                rightful_times.append(_login_and_send(server.smtp_port, user, RIGHTFUL))
+                # From an address it never used, it is checked only if it comes in when a failure
+                # has just come back, before a guess takes it.
+                time.sleep(max(0.0, started + at + 0.75 - time.monotonic()))
+                with RawSMTP(server.smtp_port, source=f"127.6.1.{n + 1}") as new_address:
+                    from_new_addresses.append(new_address.login(user.name, user.password))
+        finally:
+            for guesser in guessers:
+                guesser.join(ATTACK_SECONDS + 30)
+        attack = time.monotonic() - started
+
+        assert not seen.unexpected, seen.unexpected[:5]
+        guesses = len(seen.verdicts) + seen.unchecked
+        after_burst = sorted(seen.verdicts)[PER_USER:]
+        rate = (len(after_burst) - 1) / (after_burst[-1] - after_burst[0]) if len(after_burst) > 1 else 0.0
+        print(
+            f"\n{guesses} guesses from {len(GUESSERS)} addresses in {attack:.1f}s "
+            f"({guesses / attack:.0f}/s): {len(seen.verdicts)} checked, {seen.unchecked} answered 454 "
+            f"unchecked; after the burst of {PER_USER}: {rate:.2f} checked/s, configured "
+            f"{PER_USER / PER_USER_WINDOW:.2f}/s"
+            f"\nrightful user's login and send from its usual address: idle median "
+            f"{statistics.median(idle_times) * 1000:.1f} ms, during the attack "
+            f"{', '.join(f'{t * 1000:.1f}' for t in rightful_times)} ms; from new addresses: "
+            f"{[reply[:3] for reply in from_new_addresses]}"
+        )
+        assert guesses > 10 * len(seen.verdicts)  # the attack really was hammering
+        # Never more verdicts than the bucket allows: the burst plus one a second (and one of slack
+        # for the second that began the attack); and the rate is reached, not starved.
+        allowed = PER_USER + attack * PER_USER / PER_USER_WINDOW
+        assert len(seen.verdicts) <= allowed + 1
+        assert len(seen.verdicts) >= PER_USER + (ATTACK_SECONDS - 2) * PER_USER / PER_USER_WINDOW
+        assert max(rightful_times) < max(2.0, 5 * max(idle_times))
+        assert set(from_new_addresses) <= {replies.AUTH_USER_THROTTLED, replies.AUTH_SUCCESS}
+        assert replies.AUTH_USER_THROTTLED in from_new_addresses
+
+        # When the guessing stops, the failures come back and any address logs in again.
+        time.sleep(1.5 * PER_USER_WINDOW / PER_USER)
+        assert _login_and_send(server.smtp_port, user, "127.6.0.3") < 2.0
+
+        # No oracle: a name that does not exist runs out, and is answered, exactly as this user's did.
+        answers = []
+        for n in range(PER_USER + 1):
+            with RawSMTP(server.smtp_port, source="127.8.0.1") as smtp:
+                answers.append(smtp.login("smtp1000000000", f"wrong{n}"))
+        assert answers == [replies.AUTH_INVALID] * PER_USER + [replies.AUTH_USER_THROTTLED]
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()

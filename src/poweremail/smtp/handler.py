@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 from base64 import b64decode
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -19,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from poweremail.domain.credentials import new_smtp_password
 from poweremail.domain.limits import HOURLY_WINDOW, OverLimit, check_limits
-from poweremail.domain.throttle import FailedLoginThrottle
+from poweremail.domain.throttle import Busy, FailedLoginThrottle, LoginTicket, UserLoginThrottle
 from poweremail.keyring import DecryptionError
 from poweremail.services import Services
 from poweremail.smtp import replies
@@ -35,6 +36,8 @@ MAX_FAILED_LOGINS_PER_SESSION = 3
 _DUMMY_PASSWORD = new_smtp_password().encode()
 # Errors that mean "the store is not there right now" rather than a bug.
 _STORE_ERRORS = (SQLAlchemyError, OSError, asyncio.TimeoutError)
+# How long a login waits for checks in flight to free one of its name's failures (UserLoginThrottle).
+ADMISSION_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,13 @@ def _identity(session: SubmissionSession) -> SmtpIdentity:
 
 
 class SubmissionHandler:
-    def __init__(self, *, services: Services, throttle: FailedLoginThrottle) -> None:
+    def __init__(
+        self, *, services: Services, throttle: FailedLoginThrottle, user_throttle: UserLoginThrottle
+    ) -> None:
         self._services = services
         self._throttle = throttle
+        self._user_throttle = user_throttle
+        self._check_ended = asyncio.Event()  # set (and replaced) whenever a user-throttled check ends
         self._hostname = services.settings.hostname
 
     # --- AUTH (RFC 4954); our own async mechanisms replace aiosmtpd's synchronous authenticator ---
@@ -108,23 +115,33 @@ class SubmissionHandler:
         session = server.submission_session()
         if self._throttle.is_blocked(server.client_host):
             return AuthResult(success=False, handled=False, message=replies.AUTH_THROTTLED)
+        name = login.decode("utf-8", "replace")
+        ticket = await self._admit(name, server.client_host)
+        if ticket is None:  # this name's failures ran out: no verdict, right password or not
+            logger.info("login not checked from %s: too many failures for that name", server.client_host)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_USER_THROTTLED)
         try:
-            name = login.decode("utf-8", "replace")
             candidate = await self._services.database.read(
                 lambda conn: smtp_users.find_login(conn, name=name, keyring=self._services.keyring)
             )
         except (*_STORE_ERRORS, DecryptionError):
+            self._end_check(self._user_throttle.unanswered, ticket)
             logger.exception("login check failed for a client at %s", server.client_host)
             return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPORARY_FAILURE)
+        except asyncio.CancelledError:  # the client left: it learnt nothing
+            self._end_check(self._user_throttle.unanswered, ticket)
+            raise
         expected = candidate.password.encode() if candidate is not None else _DUMMY_PASSWORD
         matches = hmac.compare_digest(expected, password)
         if candidate is not None and matches and candidate.may_send:
+            self._end_check(self._user_throttle.succeeded, ticket)
             session.failed_logins = 0
             identity = SmtpIdentity(candidate.smtp_user_id, candidate.name, candidate.credential_version)
             logger.info("%s logged in from %s", candidate.name, server.client_host)
             return AuthResult(success=True, auth_data=identity)
 
         session.failed_logins += 1
+        self._end_check(self._user_throttle.failed, ticket)
         delay = self._throttle.record_failure(server.client_host)
         logger.info("failed login from %s (%d in this session)", server.client_host, session.failed_logins)
         await asyncio.sleep(delay)
@@ -132,6 +149,23 @@ class SubmissionHandler:
             await server.close_with(replies.AUTH_TOO_MANY_IN_SESSION)
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
+
+    async def _admit(self, name: str, client_host: str) -> LoginTicket | None:
+        """A ticket to check this login, once the per-user throttle allows it; None: answer 454."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ADMISSION_WAIT
+        while isinstance(admission := self._user_throttle.admit(name, client_host), Busy):
+            ended = self._check_ended
+            try:
+                await asyncio.wait_for(ended.wait(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                return None
+        return admission
+
+    def _end_check(self, outcome: Callable[[LoginTicket], None], ticket: LoginTicket) -> None:
+        outcome(ticket)
+        self._check_ended.set()  # logins waiting for a failure of this name look again
+        self._check_ended = asyncio.Event()
 
     # --- the transaction ---------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ AUTH_SUCCESS: Final = "235 2.7.0 Authentication successful"
 AUTH_INVALID: Final = "535 5.7.8 Authentication credentials invalid"
 AUTH_TEMPORARY_FAILURE: Final = "454 4.7.0 Temporary authentication failure"
 AUTH_THROTTLED: Final = "454 4.7.0 Too many failed logins from your address; try again later"
+# The same for every login name, existing or not (issue 6: no oracle); its password was not checked.
+AUTH_USER_THROTTLED: Final = "454 4.7.0 Too many failed logins for this user; try again later"
 AUTH_TOO_MANY_IN_SESSION: Final = "421 4.7.0 Too many failed logins; closing connection"
 CREDENTIALS_REVOKED: Final = "535 5.7.8 Authentication credentials no longer valid; log in again"
 AUTH_REQUIRED: Final = "530 5.7.0 Authentication required"

@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass
 from typing import Final
 
-from poweremail.domain.throttle import FailedLoginThrottle
+from poweremail.domain.throttle import FailedLoginThrottle, UserLoginThrottle
 from poweremail.services import Services
 from poweremail.smtp.handler import SubmissionHandler
 from poweremail.smtp.protocol import ConnectionPolicy, SubmissionSMTP, drain_sessions
@@ -67,6 +67,9 @@ async def start_smtp_servers(
             window=settings.failed_login_window,
             block=settings.failed_login_block,
             delay_per_failure=settings.failed_login_delay,
+        ),
+        user_throttle=UserLoginThrottle(
+            max_failures=settings.failed_logins_per_user, window=settings.failed_login_user_window
         ),
     )
     policy = ConnectionPolicy(

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, TLSSetupException
 from sqlalchemy.exc import SQLAlchemyError
 
 from poweremail.domain.credentials import new_smtp_password
@@ -38,6 +39,21 @@ _DUMMY_PASSWORD = new_smtp_password().encode()
 _STORE_ERRORS = (SQLAlchemyError, OSError, asyncio.TimeoutError)
 # How long a login waits for checks in flight to free one of its name's failures (UserLoginThrottle).
 ADMISSION_WAIT = 5.0
+# RFC 5321 4.1.2: a Mailbox is Local-part "@" Domain, without control characters (atext, qtextSMTP and
+# quoted-pairSMTP are printable; RFC 6531 3.3 adds UTF-8 only), and 4.5.3.1.3 allows a path of 256
+# octets with its angle brackets. aiosmtpd's parser lets "<>" and "a" through as recipients, and CR,
+# NUL, invalid UTF-8 (kept as surrogates) and any length anywhere: a bare CR went into our Received
+# header and would go into the relay's RCPT line; NUL, a surrogate or a domain over 255 characters
+# cannot be stored (451 and a traceback, for ever); a recipient without a domain cannot be delivered.
+_NOT_IN_A_MAILBOX = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+MAX_PATH_OCTETS = 256
+
+
+def _is_mailbox(address: str) -> bool:
+    local_part, _, domain = address.rpartition("@")
+    if not (local_part and domain) or _NOT_IN_A_MAILBOX.search(address):
+        return False
+    return len(address.encode()) + 2 <= MAX_PATH_OCTETS
 
 
 @dataclass(frozen=True)
@@ -192,6 +208,8 @@ class SubmissionHandler:
     ) -> str:
         if server.draining():  # the node is stopping: no new transaction (drain_sessions closes us)
             return replies.SHUTTING_DOWN
+        if address != "<>" and not _is_mailbox(address):  # aiosmtpd keeps the null sender as "<>"
+            return replies.BAD_SENDER
         identity = _identity(session)
         try:
             now = datetime.now(UTC)
@@ -224,6 +242,8 @@ class SubmissionHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= replies.MAX_RECIPIENTS:
             return replies.TOO_MANY_RECIPIENTS
+        if not _is_mailbox(address):
+            return replies.BAD_RECIPIENT
         state: messages.SenderState = session.sender
         # The early check, against usage read at MAIL; the authoritative one is at the end of DATA.
         # The recipients already accepted count as sent now: one more that does not fit beside them
@@ -321,5 +341,10 @@ class SubmissionHandler:
         return replies.HOURLY_LIMIT.format(limit=refusal.limit, resume_at=resume_at)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # The client sent STARTTLS and then no TLS handshake, or hung up: its failure, not ours
+            # (aiosmtpd closes the connection and sends no reply).
+            logger.info("TLS handshake failed: %r", error.__cause__)
+            return replies.LOCAL_ERROR
         logger.error("SMTP session error: %s", type(error).__name__, exc_info=error)
         return replies.LOCAL_ERROR

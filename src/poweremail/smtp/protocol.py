@@ -3,7 +3,9 @@
 Everything here uses aiosmtpd's extension points, as its maintainers intend them to be used:
 ``connection_made``/``connection_lost`` (per-address connection caps, the session deadline, whether
 AUTH is allowed before TLS on this connection), ``_create_session`` (our session fields) and
-``push`` (enhanced status codes on two of aiosmtpd's own replies). Why not aiosmtpd's own knobs:
+``push`` (enhanced status codes on two of aiosmtpd's own replies); ``challenge_auth``, ``smtp_MAIL``,
+``_getaddr``, ``smtp_DATA`` and ``data_received`` only where aiosmtpd 1.4.6 turns a client's error
+into a server error or keeps an endless line in memory. Why not aiosmtpd's own knobs:
 ``auth_require_tls`` is one value per server, but SPEC §4 exempts loopback clients, which only the
 connection knows; and aiosmtpd has no notion of implicit TLS for AUTH.
 """
@@ -11,17 +13,24 @@ connection knows; and aiosmtpd has no notion of implicit TLS for AUTH.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import ipaddress
 import logging
+from base64 import b64decode, b64encode
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import MISSING, SMTP, Session, _Missing, syntax
 
 from poweremail.smtp import replies
 
 logger = logging.getLogger("poweremail.smtp")
+
+# The most octets of DATA without a CRLF that a session may send; then it is closed. A line is at most
+# 1000 octets (RFC 5321 4.5.3.1.6) and aiosmtpd refuses a longer one when the data ends, but until then
+# it keeps every piece of it in memory: a client sending one endless line would take it all.
+MAX_DATA_RUN = 1024 * 1024
 
 
 class SubmissionSession(Session):
@@ -66,6 +75,8 @@ class SubmissionSMTP(SMTP):
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
+        self._in_data = False
+        self._since_crlf = 0  # octets received in DATA since the last CRLF
         super().__init__(handler, **kwargs)
 
     def _create_session(self) -> SubmissionSession:
@@ -111,6 +122,22 @@ class SubmissionSMTP(SMTP):
                 del counts[self.client_host]
         super().connection_lost(error)
 
+    def data_received(self, data: bytes) -> None:
+        if self._in_data and self.transport is not None:
+            end = data.rfind(b"\r\n")
+            self._since_crlf = len(data) - end - 2 if end >= 0 else self._since_crlf + len(data)
+            if self._since_crlf > MAX_DATA_RUN:
+                logger.info(
+                    "closing a session from %s: a line of over %d octets in DATA",
+                    self.client_host,
+                    MAX_DATA_RUN,
+                )
+                self._in_data = False
+                self.transport.write(replies.DATA_LINE_RUNAWAY.encode() + b"\r\n")  # type: ignore[attr-defined]
+                self.transport.close()
+                return
+        super().data_received(data)
+
     def eof_received(self) -> bool | None:
         if self._refused:
             return False
@@ -148,6 +175,81 @@ class SubmissionSMTP(SMTP):
             await super().push(replies.REWRITES.get(status, status))
         else:
             await super().push(status)
+
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
+    ) -> _Missing | bytes:
+        """aiosmtpd's, except for a response longer than a line.
+
+        aiosmtpd reads it with ``StreamReader.readline()``, whose ValueError for a line over the limit
+        escaped as a server error (a traceback, ``451 4.3.0``) and left the rest of that line to be
+        read as commands. Here the whole line is read and dropped and the answer is RFC 4954 6's
+        ``500 5.5.6``. The response is never logged (it is a password).
+        """
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (b64encode(raw) if encode_to_b64 else raw))
+        line = await self._read_line()
+        if line is None:
+            await self.push(replies.AUTH_LINE_TOO_LONG)
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":  # RFC 4954 4: the client cancels
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+
+    async def _read_line(self) -> bytes | None:
+        """The client's next line; None if it is over the line limit, once all of it has been read
+        and dropped (as aiosmtpd does with an overlong command)."""
+        try:
+            return await self._reader.readuntil()
+        except asyncio.IncompleteReadError as eof:
+            return eof.partial
+        except asyncio.LimitOverrunError as overrun:
+            consumed = overrun.consumed
+        while True:
+            await self._reader.read(consumed)
+            try:
+                await self._reader.readuntil()
+                return None
+            except asyncio.LimitOverrunError as longer:
+                consumed = longer.consumed
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        self._in_data, self._since_crlf = True, 0  # see data_received
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._in_data = False
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd checks SIZE= with str.isdigit(), which also takes digits that int() refuses ("²"):
+        # a ValueError, logged as a server error, and 451 for a syntax error. RFC 1870 3: the value is
+        # 1*20DIGIT, ASCII digits. Checked where aiosmtpd would, after HELO and AUTH.
+        if arg is not None and any(_is_non_ascii_size(word) for word in arg.split()):
+            if not await self.check_helo_needed() and not await self.check_auth_needed("MAIL"):
+                await self.push(replies.BAD_SIZE)
+            return
+        await super().smtp_MAIL(arg)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # Python's address parser raises IndexError, not HeaderParseError, when nothing follows the "@"
+        # ("MAIL FROM:a@"): aiosmtpd let it escape as a server error (451 and a traceback) for what is a
+        # malformed address (RFC 5321 4.1.2), which it answers 553 5.1.3.
+        try:
+            return super()._getaddr(arg)
+        except IndexError:
+            return None, None
+
+
+def _is_non_ascii_size(word: str) -> bool:
+    return word[:5].upper() == "SIZE=" and not word[5:].isascii()
 
 
 async def drain_sessions(policy: ConnectionPolicy, *, grace: float) -> int:

@@ -15,6 +15,8 @@ AUTH_TEMPORARY_FAILURE: Final = "454 4.7.0 Temporary authentication failure"
 AUTH_THROTTLED: Final = "454 4.7.0 Too many failed logins from your address; try again later"
 # The same for every login name, existing or not (issue 6: no oracle); its password was not checked.
 AUTH_USER_THROTTLED: Final = "454 4.7.0 Too many failed logins for this user; try again later"
+# RFC 4954 6: a response to a challenge longer than the server's line.
+AUTH_LINE_TOO_LONG: Final = "500 5.5.6 Authentication exchange line is too long"
 AUTH_TOO_MANY_IN_SESSION: Final = "421 4.7.0 Too many failed logins; closing connection"
 CREDENTIALS_REVOKED: Final = "535 5.7.8 Authentication credentials no longer valid; log in again"
 AUTH_REQUIRED: Final = "530 5.7.0 Authentication required"
@@ -22,9 +24,16 @@ ENCRYPTION_REQUIRED: Final = "538 5.7.11 Encryption required for requested authe
 
 SENDER_OK: Final = "250 2.1.0 Sender OK"
 RECIPIENT_OK: Final = "250 2.1.5 Recipient OK"
+# RFC 5321 4.1.2 (no control characters in a mailbox), 4.5.3.1.3 (a path of at most 256 octets).
+BAD_SENDER: Final = "553 5.1.7 Sender address rejected: not a valid mailbox (RFC 5321 4.1.2, 4.5.3.1)"
+BAD_RECIPIENT: Final = "553 5.1.3 Recipient address rejected: not a valid mailbox (RFC 5321 4.1.2, 4.5.3.1)"
+BAD_SIZE: Final = "501 5.5.4 Syntax: SIZE=<number of octets, in ASCII digits> (RFC 1870)"
 TOO_MANY_RECIPIENTS: Final = f"452 4.5.3 Too many recipients: at most {MAX_RECIPIENTS} per message"
 MESSAGE_TOO_BIG: Final = "552 5.3.4 Message size exceeds fixed maximum message size"
 LINE_TOO_LONG: Final = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 1000 octets)"
+DATA_LINE_RUNAWAY: Final = (
+    "421 4.5.2 Line too long (RFC 5321 4.5.3.1.6: at most 1000 octets); closing connection"
+)
 QUEUED: Final = "250 2.0.0 Ok: queued as {queue_id}"
 
 TOTAL_LIMIT: Final = "550 5.7.1 Total sending limit of this SMTP user reached ({limit} recipients)"

@@ -231,6 +231,8 @@ _LOGIN = (
 
 def find_login(conn: Connection, *, name: str, keyring: Keyring) -> LoginCandidate | None:
     """The live SMTP user called ``name``, with its decrypted password, for the SMTP AUTH check."""
+    if "\x00" in name:  # AUTH LOGIN can carry one; PostgreSQL text cannot, so no name has one
+        return None
     row = conn.execute(_LOGIN, {"name": name}).first()
     if row is None:
         return None

@@ -1,6 +1,11 @@
 """The store goes away (issue 6, item 3): PostgreSQL restarts under load, or SQLite's disk is full or
 fails. SMTP answers 451 4.3.0 and never 250 for what was not stored, the API answers GeneralError, and
-both recover on their own when the store is back.
+both recover on their own when the store is back; so does the delivery worker.
+
+How the store goes away (``tests.reliability.store_faults``): PostgreSQL through a TCP proxy of the
+test's own that cuts every connection and refuses new ones, as a restarting server does; SQLite by
+making every write of the node's process fail (its file-size limit set to 0 from outside), as a full
+or failing disk does. A longer run with several outages: ``reliability/store_outage.py``.
 
 Figures are printed (``pytest -s``) for docs/RELIABILITY.md.
 """
@@ -20,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+import poweremail.delivery.worker as worker_module
 from poweremail.config import Settings
 from poweremail.delivery.worker import DeliveryWorker
 from poweremail.keyring import Keyring
@@ -89,18 +95,18 @@ def test_a_batch_sqlite_rolls_back_whole_tells_no_job_it_was_stored(tmp_path: Pa
     assert "database or disk is full" in str(outcomes[0])
 
 
-# --- the delivery worker: no lease sat out after the store was away --------------------------------
+# --- the delivery worker: nothing sits out a lease, nothing is sent twice ---------------------------
 
-STORE_AWAY = 1.0  # seconds
+STORE_AWAY = 2.0  # seconds
 WorkerFailure = Literal["the message cannot be read", "the claim's answer is lost"]
 _NOTHING = object()
 
 
 class _FlakyStore(Database):
     """The node's store, away (every call fails, as when PostgreSQL refuses connections) for
-    ``STORE_AWAY`` seconds from the moment ``away_after`` is called inside a transaction; that
-    transaction itself commits, and with ``lose_answer`` its caller gets an error all the same (the
-    connection died between COMMIT and its answer)."""
+    ``STORE_AWAY`` seconds from the moment ``go_away`` is called (from inside a transaction: that
+    one still commits; with ``lose_answer=result`` its caller gets an error all the same, as when the
+    connection dies between COMMIT and its answer)."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -108,11 +114,10 @@ class _FlakyStore(Database):
         self.went_away = False
         self._lost_answer: object = _NOTHING
 
-    def away_after(self, result: object, *, lose_answer: bool) -> None:
+    def go_away(self, *, lose_answer: object = _NOTHING) -> None:
         self.went_away = True
         self.away_until = time.monotonic() + STORE_AWAY
-        if lose_answer:
-            self._lost_answer = result
+        self._lost_answer = lose_answer
 
     async def _run(self, work: Work[T], *, writes: bool) -> T:
         if time.monotonic() < self.away_until:
@@ -141,6 +146,52 @@ def _queue_one_message(conn: Connection, keyring: Keyring) -> None:
     assert isinstance(queued, messages.Queued)
 
 
+def _recipient_rows(conn: Connection) -> list[tuple[str, str | None]]:
+    return [
+        (row.state, row.locked_by)
+        for row in conn.execute(sa.select(recipients.c.state, recipients.c.locked_by))
+    ]
+
+
+def _deliver_one_message(
+    store: _FlakyStore, tmp_path: Path, relay: Receiver, monkeypatch: pytest.MonkeyPatch, *, lease: float = 60
+) -> float:
+    """A delivery worker (in this process) on ``store`` delivers one message through ``relay``; returns
+    the seconds until its outcome was recorded, after which it runs on for a second (a recipient
+    attempted again would show)."""
+    for name in [name for name in os.environ if name.startswith("POWEREMAIL_")]:
+        monkeypatch.delenv(name)
+
+    async def deliver() -> float:
+        keyring = Keyring.load_or_create(tmp_path / "secret.key")
+        settings = Settings(
+            data_dir=tmp_path, relay=relay.address, relay_tls="none", node_name="outage",
+            retry_delays=(0.2,), delivery_poll_interval=0.1, delivery_lease=lease,
+        )  # fmt: skip
+        observer = Database(store.url)  # reads the outcome, whether the worker's store is away or not
+        try:
+            await store.migrate()
+            await store.write(lambda conn: _queue_one_message(conn, keyring))
+            stop = asyncio.Event()
+            worker = asyncio.create_task(DeliveryWorker(Services(settings, store, keyring)).run(stop))
+            started = time.monotonic()
+            try:
+                while await observer.read(_recipient_rows) != [("delivered", None)]:
+                    assert time.monotonic() - started < 15, await observer.read(_recipient_rows)
+                    await asyncio.sleep(0.05)
+                took = time.monotonic() - started
+                await asyncio.sleep(1)
+                return took
+            finally:
+                stop.set()
+                await worker
+        finally:
+            await observer.close()
+            await store.close()
+
+    return asyncio.run(deliver())
+
+
 @pytest.mark.parametrize("failure", ["the message cannot be read", "the claim's answer is lost"])
 def test_the_delivery_worker_gives_back_its_leases_when_the_store_returns(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: WorkerFailure
@@ -149,58 +200,42 @@ def test_the_delivery_worker_gives_back_its_leases_when_the_store_returns(
     message nor give the lease back, or it never learns that its claim committed. Either way, once
     the store answers again the worker gives that lease back and delivers at once, rather than
     leaving the recipient leased to itself, untouched, for the whole lease (60 s by default)."""
-    for name in [name for name in os.environ if name.startswith("POWEREMAIL_")]:
-        monkeypatch.delenv(name)
     store = _FlakyStore(database_url)
     original_claim = delivery_queue.claim_due
 
     def claim_then_go_away(conn: Connection, **kwargs: Any) -> list[delivery_queue.ClaimedRecipient]:
         claimed = original_claim(conn, **kwargs)
         if claimed and not store.went_away:
-            store.away_after(claimed, lose_answer=failure == "the claim's answer is lost")
+            store.go_away(lose_answer=claimed if failure == "the claim's answer is lost" else _NOTHING)
         return claimed
 
     monkeypatch.setattr(delivery_queue, "claim_due", claim_then_go_away)
-
-    async def deliver(relay: Receiver) -> float:
-        keyring = Keyring.load_or_create(tmp_path / "secret.key")
-        settings = Settings(
-            data_dir=tmp_path, relay=relay.address, relay_tls="none", node_name="outage",
-            retry_delays=(0.2,), delivery_poll_interval=0.1,
-        )  # fmt: skip
-        try:
-            await store.migrate()
-            await store.write(lambda conn: _queue_one_message(conn, keyring))
-            stop = asyncio.Event()
-            worker = asyncio.create_task(DeliveryWorker(Services(settings, store, keyring)).run(stop))
-            started = time.monotonic()
-            try:
-                await asyncio.to_thread(relay.wait_for_messages, 1, 15)
-                return time.monotonic() - started
-            finally:
-                stop.set()
-                await worker
-        finally:
-            await store.close()
-
     with Receiver() as relay:
-        took = asyncio.run(deliver(relay))
+        took = _deliver_one_message(store, tmp_path, relay, monkeypatch)
         assert len(relay.messages) == 1
     assert store.went_away
-    rows = asyncio.run(_rows(database_url))
-    assert rows == [("delivered", None)]
     assert took < STORE_AWAY + 3, took  # not the 60 s lease
-    print(f"\n{failure}: delivered {took:.1f} s after the claim (the store was away {STORE_AWAY} s)")
+    print(f"\n{failure}: delivered and recorded {took:.1f} s after the claim (store away {STORE_AWAY} s)")
 
 
-async def _rows(database_url: str) -> list[tuple[str, str | None]]:
-    database = Database(database_url)
-    try:
-        return await database.read(
-            lambda conn: [
-                (row.state, row.locked_by)
-                for row in conn.execute(sa.select(recipients.c.state, recipients.c.locked_by))
-            ]
-        )
-    finally:
-        await database.close()
+def test_an_outcome_is_recorded_when_the_store_returns_and_not_sent_again(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store goes away while a message is being delivered, for longer than the worker's first
+    retries to record the outcome, and longer than the lease: the worker goes on trying until the
+    store answers (the relay's 250 is not forgotten), and it does not claim and send the recipient
+    again meanwhile, though its lease lapsed."""
+    store = _FlakyStore(database_url)
+    monkeypatch.setattr(worker_module, "_RECORD_RETRY_DELAYS", (0.1, 0.2))  # 0.3 s in all, then 0.2 s apart
+
+    def accept_then_go_away(n: int) -> None:
+        if not store.went_away:
+            store.go_away()
+        return None
+
+    with Receiver(data=accept_then_go_away) as relay:
+        took = _deliver_one_message(store, tmp_path, relay, monkeypatch, lease=1.0)
+        assert len(relay.messages) == 1, relay.messages
+    assert store.went_away
+    assert took < STORE_AWAY + 3, took
+    print(f"\nrecorded {took:.1f} s after the claim (store away {STORE_AWAY} s, lease 1 s); sent once")

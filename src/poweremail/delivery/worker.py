@@ -49,8 +49,9 @@ logger = logging.getLogger("poweremail.delivery")
 # Recipients claimed ahead of free transaction slots, per slot: enough to keep every slot busy
 # between two claims, few enough that little sits leased and waiting.
 _CLAIM_AHEAD = 2
-# How often an outcome that could not be recorded (the store is away) is tried again, and how long
-# apart. Past that the lease runs out and the recipient is attempted again: maybe twice, never lost.
+# How long apart an outcome that could not be recorded (the store is away) is tried again; the last
+# delay repeats for as long as the node runs. The lease may lapse meanwhile: the record still counts
+# unless another worker took the recipient since (it may then be sent twice, never lost).
 _RECORD_RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
 
 
@@ -178,6 +179,9 @@ class DeliveryWorker:
             logger.exception("delivery: claiming due mail failed; trying again")
             self._strays = True  # it may have committed all the same
             return []
+        # A lease of ours that lapsed while the store was away, on a recipient still in hand (its outcome
+        # not yet recorded): claimed again, but not attempted twice.
+        claimed = [recipient for recipient in claimed if recipient.id not in self._in_hand]
         self._in_hand.update(recipient.id for recipient in claimed)
 
         # One job per message and destination: those recipients go in one transaction (SPEC §5). By
@@ -327,7 +331,8 @@ class DeliveryWorker:
                 mail_to=message.mail_from,
                 build=lambda ids: self._build_bounce(message, [failed[i] for i in ids if i in failed], now),
             )
-        for delay in (*_RECORD_RETRY_DELAYS, None):
+        delays = iter(_RECORD_RETRY_DELAYS)
+        while True:
             try:
                 await self._database.write(
                     lambda conn: delivery_queue.record_outcomes(
@@ -335,11 +340,12 @@ class DeliveryWorker:
                     )
                 )
             except Exception:
-                if delay is None:
+                if self._stopping:
                     logger.exception(
                         "delivery: could not record %s; it will be attempted again", message.queue_id
                     )
                     return
+                delay = next(delays, _RECORD_RETRY_DELAYS[-1])
                 logger.warning("delivery: recording %s failed; retrying in %ss", message.queue_id, delay)
                 await asyncio.sleep(delay)
             else:

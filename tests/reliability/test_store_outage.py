@@ -13,7 +13,10 @@ Figures are printed (``pytest -s``) for docs/RELIABILITY.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import socketserver
 import threading
 import time
 from datetime import UTC, datetime
@@ -26,16 +29,174 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 import poweremail.delivery.worker as worker_module
-from poweremail.config import Settings
+from poweremail.config import load_settings
 from poweremail.delivery.worker import DeliveryWorker
+from poweremail.errors import GeneralError
 from poweremail.keyring import Keyring
 from poweremail.services import Services
+from poweremail.smtp import replies
 from poweremail.store import delivery_queue, messages, owners, smtp_users
 from poweremail.store.database import Database, Work
 from poweremail.store.schema import recipients
+from tests.delivery.helpers import FAST_DELIVERY
 from tests.delivery.receiver import Receiver
+from tests.reliability.outage import delivery_figures, ledger_figures, outage_figures, run_outages
+from tests.reliability.outage_load import LARGE_BODY, SteadyLoad
+from tests.reliability.proxy import TcpProxy
+from tests.reliability.store_faults import PipedServerProcess, store_fault
+from tests.smtp.helpers import add_smtp_user
+from tests.smtp.letters import Outcome, assert_queued_as_acknowledged, assert_whole, queued_messages
+from tests.support import create_owner
 
 T = TypeVar("T")
+
+# --- under load: SMTP sessions, new logins, API calls and the delivery worker ----------------------
+
+OUTAGE = 3.0  # seconds the store is away
+AFTERWARDS = 5.0  # seconds of load after it is back: everything must have recovered within them
+SENDERS = 4
+LIMIT = 1_000_000
+# What a client gets while the store is away, per stage. PostgreSQL: nothing can be read or written.
+# SQLite with a full disk: reads work (logins, MAIL, listSmtp); only storing fails.
+DURING = {
+    "postgresql": {
+        "AUTH": replies.AUTH_TEMPORARY_FAILURE,
+        "LOGIN": replies.AUTH_TEMPORARY_FAILURE,
+        "MAIL": replies.STORE_UNAVAILABLE,
+        "DATA": replies.STORE_UNAVAILABLE,
+        "listSmtp": 500,
+        "editSmtp": 500,
+    },
+    "sqlite": {
+        "AUTH": replies.AUTH_SUCCESS,
+        "LOGIN": replies.AUTH_SUCCESS,
+        "MAIL": replies.SENDER_OK,
+        "DATA": replies.STORE_UNAVAILABLE,
+        "listSmtp": 200,
+        "editSmtp": 500,
+    },
+}
+GENERAL_ERROR = {
+    "status": "error",
+    "code": "-1",
+    "name": "GeneralError",
+    "type": "GeneralError",
+    "message": GeneralError().message,
+}
+
+
+def test_the_store_goes_away_under_load_and_everything_recovers_on_its_own(
+    backend: str, database_url: str, tmp_path: Path
+) -> None:
+    """A node with every role, under four SMTP senders (one of them sending 3 MB letters), a new login
+    every 0.2 s and an API client, loses its store for 3 s. Meanwhile no message gets a 250, SMTP
+    answers 451 4.3.0 (and 454 4.7.0 to logins it cannot check), the API answers GeneralError to what
+    needs the store. Within 5 s of the store's return every sender, new logins, API reads and writes
+    succeed again, and keep succeeding; every 250-ed message is stored once and counted, and the
+    delivery worker delivers all of it, once. No restart of the node."""
+    fault = store_fault(database_url)
+    try:
+        with Receiver() as relay:
+            node = PipedServerProcess(
+                data_dir=tmp_path / "data",
+                database_url=fault.node_url,
+                log_path=tmp_path / "serve.log",
+                roles="api,smtp,delivery",
+                extra_args=(
+                    "--node-name", "outage", *FAST_DELIVERY, "--relay", relay.address, "--relay-tls", "none",
+                ),
+            ).start()  # fmt: skip
+            try:
+                fault.attach(node)
+                owner = create_owner(database_url)
+                user = add_smtp_user(node, owner, total_limit=LIMIT, hourly_limit=LIMIT)
+                load = SteadyLoad(
+                    node, owner, user, senders=SENDERS, total_limit=LIMIT, first_sender_body=LARGE_BODY
+                )
+                [window], stopped = run_outages(
+                    load, fault, outages=1, seconds=OUTAGE, between=AFTERWARDS, warmup=1.5
+                )
+                outage = outage_figures(load, window, horizon=stopped)
+                delivery = delivery_figures(load, database_url, relay, since=stopped, bound=20)
+                ledger = ledger_figures(load, database_url)
+            finally:
+                node.stop()
+    finally:
+        fault.close()
+    print(f"\n{backend}: {outage.summary()}\n{backend}: {ledger.summary()}\n{backend}: {delivery.summary()}")
+
+    # While the store was away: never a 250 for a message, and the documented temporary answers.
+    assert outage.acknowledged_during == []
+    expected = DURING[backend]
+    for what, count in outage.smtp_during.items():
+        stage, reply = what.split(" ", 1)
+        if stage in expected:
+            assert reply == expected[stage], (what, count)
+    for what in outage.api_during:
+        call, status = what.split(" ", 2)[:2]
+        assert int(status) == expected[call], what
+    general_errors = [
+        c.body for c in load.api() if window.holds(c.asked_at, c.answered_at) and c.status == 500
+    ]
+    assert general_errors and all(body == GENERAL_ERROR for body in general_errors)
+    felt = "MAIL" if backend == "postgresql" else "DATA"
+    assert outage.smtp_during[f"{felt} {replies.STORE_UNAVAILABLE}"] > 0, outage.smtp_during
+
+    # Back on its own: every sender, new logins, API reads and writes, within AFTERWARDS; then no relapse.
+    assert outage.recovered is not None, outage.summary()
+    assert outage.relapses == []
+
+    # Every 250 is stored, once, whole and counted; nothing else is, but what was in flight at the cut.
+    stored = queued_messages(database_url, user)
+    acknowledged = [Outcome(r.letter, "DATA", r.reply) for r in load.acknowledged() if r.letter is not None]
+    assert_queued_as_acknowledged(stored, acknowledged)
+    assert_whole(stored)
+    assert ledger.lost == 0
+    assert ledger.stored_twice == 0
+    if backend == "sqlite":
+        assert ledger.stored_without_250 == 0
+    else:  # COMMIT done, its answer cut off on the way back: the node answered 451 (a duplicate if resent)
+        assert ledger.stored_without_250 <= SENDERS
+    assert ledger.sent_total == ledger.stored_recipients
+
+    # And the delivery worker delivered every one of them, once.
+    assert delivery.drained is not None, delivery.summary()
+    assert delivery.relayed_twice == 0
+    assert delivery.relayed == delivery.recipients == ledger.stored_recipients
+
+
+# --- the harness: the proxy plays a server restarting ----------------------------------------------
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+def test_the_proxy_cuts_every_connection_refuses_new_ones_and_comes_back_on_the_same_port() -> None:
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo) as server:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with TcpProxy("127.0.0.1", server.server_address[1]) as proxy:
+                port = proxy.port
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as before:
+                    before.sendall(b"ping")
+                    assert before.recv(4) == b"ping"
+                    assert proxy.down() == 1
+                    with contextlib.suppress(ConnectionResetError):  # cut: closed or reset
+                        assert before.recv(4) == b""
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.1", port), timeout=5)
+                proxy.up()
+                assert proxy.port == port
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as after:
+                    after.sendall(b"pong")
+                    assert after.recv(4) == b"pong"
+        finally:
+            server.shutdown()
+
 
 # --- SQLite: a transaction the disk made SQLite roll back whole ------------------------------------
 
@@ -164,7 +325,7 @@ def _deliver_one_message(
 
     async def deliver() -> float:
         keyring = Keyring.load_or_create(tmp_path / "secret.key")
-        settings = Settings(
+        settings = load_settings(
             data_dir=tmp_path, relay=relay.address, relay_tls="none", node_name="outage",
             retry_delays=(0.2,), delivery_poll_interval=0.1, delivery_lease=lease,
         )  # fmt: skip

@@ -53,6 +53,7 @@ class Outcome:
     stats: Stats = field(default_factory=Stats)
     seconds: float = 0.0
     chunks: int = 0
+    store_away: int = 0  # chunks cut short because PostgreSQL had no connection left
     crashes: int = 0
     violations: int = 0
     first_failure: str = ""
@@ -68,8 +69,24 @@ def _memory(pid: int) -> dict[str, int]:
     return values
 
 
+# The PostgreSQL server is shared: when others' work takes all its connections, the store is simply
+# not there for a while. That is no answer to hostile input; such a chunk is played again later.
+_STORE_AWAY = ("too many clients", "TooManyConnections")
+
+
 def _log_errors(server: ServerProcess) -> list[str]:
-    return [line for line in server.log().splitlines() if " ERROR " in line or "Traceback" in line]
+    """The log records at ERROR or with a traceback, but for the store being out of connections."""
+    records: list[str] = []
+    for line in server.log().splitlines():
+        if line[:4].isdigit() or not records:  # a record starts with its timestamp
+            records.append(line)
+        else:
+            records[-1] += "\n" + line
+    return [
+        record
+        for record in records
+        if (" ERROR " in record or "Traceback" in record) and not any(m in record for m in _STORE_AWAY)
+    ]
 
 
 def run_backend(backend: str, *, seconds: float, chunk: int, shrink: bool) -> Outcome:
@@ -121,9 +138,18 @@ def run_backend(backend: str, *, seconds: float, chunk: int, shrink: bool) -> Ou
             started = time.monotonic()
             while time.monotonic() - started < seconds:
                 outcome.chunks += 1
+                log_from = len(server.log())
                 try:
                     play()
                 except Exception as failure:
+                    seen = "".join(traceback.format_exception(failure)) + server.log()[log_from:]
+                    if any(m in seen for m in _STORE_AWAY):
+                        outcome.store_away += 1
+                        print(
+                            f"[{backend}] PostgreSQL out of connections; waiting, then going on", flush=True
+                        )
+                        time.sleep(15)
+                        continue
                     died = server.process.poll() is not None
                     outcome.crashes += int(died)
                     outcome.violations += int(not died)
@@ -156,7 +182,12 @@ def report(outcome: Outcome) -> str:
     memory = ", ".join(f"{key} {value / MIB:.1f} MiB" for key, value in outcome.memory.items())
     return "\n".join(
         [
-            f"backend {outcome.backend}: {outcome.seconds:.0f} s, {outcome.chunks} Hypothesis runs",
+            f"backend {outcome.backend}: {outcome.seconds:.0f} s, {outcome.chunks} Hypothesis runs"
+            + (
+                f" ({outcome.store_away} cut short: PostgreSQL out of connections)"
+                if outcome.store_away
+                else ""
+            ),
             f"  inputs tried: {stats.examples} examples, {stats.sessions} sessions,"
             f" {stats.commands} command lines, {stats.data_bytes} data octets",
             f"  messages accepted (each checked in the store): {stats.accepted}",

@@ -23,8 +23,10 @@ Every measurement loads one server with bench/smtp.py's load (bench/smtp_load.py
 sessions on reused logged-in connections, 1 KB messages with one recipient, AUTH PLAIN) for
 ``--duration`` seconds, as a new SMTP user. Meanwhile the benchmark reads the queue straight from the
 store every 0.5 s (recipients in state queued or deferred: the backlog); once the load stops it goes on
-reading until the queue is empty. Within each run the servers alternate (baseline, then each delivery
-setting); medians over the runs go to the terminal and docs/benchmarks/delivery.md.
+reading until the queue is empty. Per delivery setting, each run alternates: the baseline, delivery
+alone (below), the delivering server; medians over the runs go to the terminal and
+docs/benchmarks/delivery.md. One delivering server runs at a time (on PostgreSQL each keeps up to 20
+connections open).
 
 Figures, from the store's own timestamps (messages.accepted_at, recipients.last_attempt_at):
 accepted msg/s during the fill (2xx replies / the load's time); delivered msg/s during the fill
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import os
 import platform
@@ -452,6 +455,7 @@ class Measurement:
     client_cores: float
     other_cores: float  # anything else on the machine, fill and drain
     steal_cores: float
+    paired: str = ""  # a baseline: the label of the delivery setting whose cycle it opened
 
     @property
     def counted(self) -> bool:
@@ -958,61 +962,81 @@ def cycle(
 def bench_store(
     store: str, args: argparse.Namespace, work: Path, receiver: Receiver, outcome: Outcome, index: int
 ) -> None:
-    with contextlib.ExitStack() as stack:
-        base = stack.enter_context(poweremail_server(store, Setting(None), work, receiver, 100 * index))
-        deliverers = [
-            stack.enter_context(poweremail_server(store, setting, work, receiver, 100 * index + 1 + i))
-            for i, setting in enumerate(args.delivery)
-        ]
-        servers = [base, *deliverers]
-        measurements: list[Measurement] = []
-        drains: list[Drain] = []
-        try:
-            runs = [(WARMUP, args.warmup), *((run, args.duration) for run in range(1, args.runs + 1))]
-            for run, duration in runs:  # the warm-up is not counted: page cache, pools, connections
-                for server in deliverers:
-                    baseline, alone, delivering = cycle(base, server, receiver, args, store, run, duration)
-                    measurements += [baseline, delivering]
-                    drains.append(alone)
-            if args.profile:
-                server = deliverers[0]
-                print(f"  {store_label(store)}: profiling {server.setting.label} with py-spy ...", flush=True)
-                fill_profiler, alone_profiler = Profiler(server.pid, work), Profiler(0, work)
-                wait_for_quiet(args.quiet_wait)
-                measurements.append(measure(base, receiver, args, store, PROFILED, args.duration))
-                wait_for_quiet(args.quiet_wait)
-                alone = drain_alone(base, server.setting, receiver, args, store, PROFILED, alone_profiler)
-                wait_for_quiet(args.quiet_wait)
-                delivering = measure(server, receiver, args, store, PROFILED, args.duration, fill_profiler)
-                measurements.append(delivering)
-                drains.append(alone)
-                outcome.profiles[store] = profile_summary(fill_profiler, delivering, alone_profiler, alone)
-            for server in servers:
-                mine = [m for m in measurements if m.setting == server.setting]
-                problems = [problem for m in mine for problem in check(m, server)]
-                outcome.problems += problems
-                if mine and not problems:
-                    lines = "; ".join(check_line(m) for m in mine)
-                    outcome.checks.append(f"{store_label(store)}, {server.setting.label}: {lines}")
-            for setting in dict.fromkeys(d.setting for d in drains):
-                mine_drains = [d for d in drains if d.setting == setting]
-                problems = [problem for d in mine_drains for problem in d.problems()]
-                outcome.problems += problems
-                if not problems:
-                    lines = "; ".join(drain_check_line(d) for d in mine_drains)
-                    outcome.checks.append(f"{store_label(store)}, delivery alone {setting.limits}: {lines}")
-        finally:
-            outcome.measurements += measurements
-            outcome.drains += drains
-    for server in servers:
+    """The baseline server for the whole store; one delivering server at a time beside it (on PostgreSQL
+    each keeps up to 20 connections open, and the server's max_connections is shared with others)."""
+    measurements: list[Measurement] = []
+    drains: list[Drain] = []
+    logs: list[tuple[str, Path]] = []
+    runs = [(WARMUP, args.warmup), *((run, args.duration) for run in range(1, args.runs + 1))]
+    try:
+        with poweremail_server(store, Setting(None), work, receiver, 100 * index) as base:
+            logs.append((base.setting.label, base.log_path))
+            for i, setting in enumerate(args.delivery):
+                with poweremail_server(store, setting, work, receiver, 100 * index + 1 + i) as server:
+                    logs.append((setting.label, server.log_path))
+                    mine: list[Measurement] = []
+                    for run, duration in runs:  # the warm-up is not counted: page cache, pools, connections
+                        baseline, alone, delivering = cycle(
+                            base, server, receiver, args, store, run, duration
+                        )
+                        mine += [dataclasses.replace(baseline, paired=setting.label), delivering]
+                        drains.append(alone)
+                    if args.profile and i == 0:
+                        mine += profile_cycle(base, server, receiver, args, store, work, outcome, drains)
+                    measurements += mine
+                    problems = [problem for m in mine if m.delivers for problem in check(m, server)]
+                    outcome.problems += problems
+                    if not problems:
+                        lines = "; ".join(check_line(m) for m in mine if m.delivers)
+                        outcome.checks.append(f"{store_label(store)}, {setting.label}: {lines}")
+            baselines = [m for m in measurements if not m.delivers]
+            problems = [problem for m in baselines for problem in check(m, base)]
+            outcome.problems += problems
+            if baselines and not problems:
+                lines = "; ".join(check_line(m) for m in baselines)
+                outcome.checks.append(f"{store_label(store)}, {base.setting.label}: {lines}")
+        for setting in dict.fromkeys(d.setting for d in drains):
+            mine_drains = [d for d in drains if d.setting == setting]
+            problems = [problem for d in mine_drains for problem in d.problems()]
+            outcome.problems += problems
+            if not problems:
+                lines = "; ".join(drain_check_line(d) for d in mine_drains)
+                outcome.checks.append(f"{store_label(store)}, delivery alone {setting.limits}: {lines}")
+    finally:
+        outcome.measurements += measurements
+        outcome.drains += drains
+    for label, log in logs:
         outcome.problems += [
-            f"PowerEmail ({store_label(store)}, {server.setting.label}) logged: {line}"
-            for line in server_errors(server.log_path)[:20]
+            f"PowerEmail ({store_label(store)}, {label}) logged: {line}" for line in server_errors(log)[:20]
         ]
     for log in sorted(work.glob("bench-drain-*.log")):
         outcome.problems += [
             f"PowerEmail (delivery alone) logged: {line}" for line in server_errors(log)[:20]
         ]
+
+
+def profile_cycle(
+    base: Server,
+    server: Server,
+    receiver: Receiver,
+    args: argparse.Namespace,
+    store: str,
+    work: Path,
+    outcome: Outcome,
+    drains: list[Drain],
+) -> list[Measurement]:
+    """One more, uncounted cycle with py-spy on delivery alone and on the delivering server."""
+    print(f"  {store_label(store)}: profiling {server.setting.label} with py-spy ...", flush=True)
+    fill_profiler, alone_profiler = Profiler(server.pid, work), Profiler(0, work)
+    wait_for_quiet(args.quiet_wait)
+    baseline = measure(base, receiver, args, store, PROFILED, args.duration)
+    wait_for_quiet(args.quiet_wait)
+    alone = drain_alone(base, server.setting, receiver, args, store, PROFILED, alone_profiler)
+    wait_for_quiet(args.quiet_wait)
+    delivering = measure(server, receiver, args, store, PROFILED, args.duration, fill_profiler)
+    drains.append(alone)
+    outcome.profiles[store] = profile_summary(fill_profiler, delivering, alone_profiler, alone)
+    return [baseline, delivering]
 
 
 # --- summary and report -----------------------------------------------------------------------
@@ -1112,9 +1136,13 @@ def summarize(measurements: list[Measurement], stores: list[str]) -> list[Row]:
     rows = []
     for store in stores:
         counted = [m for m in measurements if m.store == store and m.counted]
-        baseline = [m.accepted_rate for m in counted if not m.delivers]
+        baselines = [m for m in counted if not m.delivers]
         for setting in dict.fromkeys(m.setting for m in counted):
             same = [m for m in counted if m.setting == setting]
+            # The ratio is to the baselines measured in the same cycles (all of them for the baseline row).
+            paired = [m.accepted_rate for m in baselines if m.paired == setting.label] or [
+                m.accepted_rate for m in baselines
+            ]
 
             def median(values: list[float]) -> float:
                 return statistics.median(values) if values else 0.0
@@ -1124,7 +1152,7 @@ def summarize(measurements: list[Measurement], stores: list[str]) -> list[Row]:
                     store=store,
                     setting=setting,
                     accepted=median([m.accepted_rate for m in same]),
-                    baseline=median(baseline),
+                    baseline=median(paired),
                     delivered_in_fill=median([m.delivered_rate_in_fill for m in same]),
                     end_to_end=median([m.end_to_end_rate for m in same]),
                     max_backlog=median([m.max_backlog for m in same]),
@@ -1289,13 +1317,16 @@ on reused logged-in connections in {args.client_processes} load-generator proces
   `poweremail serve --roles api,smtp,delivery --relay 127.0.0.1:PORT --relay-tls none`; all with
   `--max-connections-per-address 1000 --log-level WARNING`. One process each, one event loop: the SMTP
   server and the delivery worker share it (and the GIL with the store's threads).
-- Each run, per delivery setting, in this order: the baseline under the load; then *delivery alone*: a
-  `poweremail serve --roles delivery` node (same flags) started on the baseline's store, timed while it
-  empties the queue the baseline filled, and stopped; then the delivering server under the load.
+  "in a 2nd process": the delivery runs in a `--roles delivery` process on the same store beside
+  `--roles api,smtp` (`--delivery C:N:separate`).
+- One delivering server at a time (started for its setting, a store of its own), beside the baseline.
+  Each run, in this order: the baseline under the load; then *delivery alone*: a `poweremail serve
+  --roles delivery` node (same flags) started on the baseline's store, timed while it empties the queue
+  the baseline filled, and stopped; then the delivering server under the load.
 - Receiver: {receiver.describe()}, on the same machine.
 
 "accepted" is 2xx replies to the final dot per second of load; "vs no delivery" that rate over the
-baseline's median in the same store. "delivered during fill" counts recipients whose
+median of the baselines measured in the same runs. "delivered during fill" counts recipients whose
 `recipients.last_attempt_at` (state delivered) falls before the load's last reply; "end-to-end" is all
 delivered / (last delivered - first `messages.accepted_at`). The backlog is the store's recipients in state
 queued or deferred, read every 0.5 s straight from the store; "backlog at end of fill" is the read right

@@ -1278,6 +1278,18 @@ def kept_notes(report: Path) -> str:
     return f"\n{text[start : end + len(NOTES_END)]}\n"
 
 
+def command_line() -> str:
+    """How this benchmark was started, without where its report went."""
+    argv, shown = sys.argv[1:], []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--report":
+            argv = argv[1:]
+        elif not arg.startswith("--report="):
+            shown.append(arg)
+    return " ".join(["python bench/delivery.py", *shown])
+
+
 def render_report(
     args: argparse.Namespace,
     rows: list[Row],
@@ -1305,6 +1317,7 @@ Setup, once per machine (the benchmark does it itself when run as root and smtp-
 the `smtp-sink` test program is used.)
 
 - Date: {datetime.datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}; PowerEmail at {version}
+- Command: `{command_line()}`
 - Machine: `nproc` = {len(os.sched_getaffinity(0))}, {cpu_model()}
 - Python: {platform.python_version()} ({platform.python_implementation()}), {versions()}{pg_version}
 - Parameters: {args.runs} runs x {args.duration:g} s of load per measurement, {args.sessions} sessions \

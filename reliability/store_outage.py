@@ -37,11 +37,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.* helpers
 
-from tests.delivery.helpers import FAST_DELIVERY
 from tests.delivery.receiver import Receiver
-from tests.reliability.outage import delivery_figures, ledger_figures, outage_figures, run_outages
+from tests.reliability.outage import (
+    delivery_figures,
+    ledger_figures,
+    outage_figures,
+    run_outages,
+    start_outage_node,
+)
 from tests.reliability.outage_load import LARGE_BODY, SteadyLoad
-from tests.reliability.store_faults import PipedServerProcess, store_fault
+from tests.reliability.store_faults import store_fault
 from tests.smtp.helpers import add_smtp_user
 from tests.support import create_owner, create_postgres_database, drop_postgres_database, run
 
@@ -60,15 +65,7 @@ def run_backend(backend: str, args: argparse.Namespace, directory: Path) -> list
     fault = store_fault(database_url)
     try:
         with Receiver() as relay:
-            node = PipedServerProcess(
-                data_dir=directory / "data",
-                database_url=fault.node_url,
-                log_path=directory / "serve.log",
-                roles="api,smtp,delivery",
-                extra_args=(
-                    "--node-name", "outage", *FAST_DELIVERY, "--relay", relay.address, "--relay-tls", "none",
-                ),
-            ).start()  # fmt: skip
+            node = start_outage_node(directory, fault, relay)
             try:
                 fault.attach(node)
                 owner = create_owner(database_url)

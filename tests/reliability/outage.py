@@ -10,14 +10,16 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from poweremail.store.schema import messages, recipients, smtp_users
+from tests.delivery.helpers import FAST_DELIVERY
 from tests.delivery.receiver import Receiver
 from tests.reliability.outage_load import PROBER, SmtpReply, SteadyLoad, marker_of
-from tests.reliability.store_faults import StoreFault
+from tests.reliability.store_faults import PipedServerProcess, StoreFault
 from tests.smtp.helpers import usage
 from tests.smtp.letters import queued_messages
 from tests.support import store_read
@@ -73,6 +75,17 @@ class OutageFigures:
             f" {seconds(self.every_sender_250)}, API read {seconds(self.api_read)}, API write"
             f" {seconds(self.api_write)}, new login {seconds(self.login)}; relapses {len(self.relapses)}"
         )
+
+
+def start_outage_node(directory: Path, fault: StoreFault, relay: Receiver) -> PipedServerProcess:
+    """The node under test: every role, on the store through ``fault``, delivering to ``relay``."""
+    return PipedServerProcess(
+        data_dir=directory / "data",
+        database_url=fault.node_url,
+        log_path=directory / "serve.log",
+        roles="api,smtp,delivery",
+        extra_args=("--node-name", "outage", *FAST_DELIVERY, "--relay", relay.address, "--relay-tls", "none"),
+    ).start()
 
 
 def run_outages(

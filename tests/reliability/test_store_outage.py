@@ -38,12 +38,17 @@ from poweremail.smtp import replies
 from poweremail.store import delivery_queue, messages, owners, smtp_users
 from poweremail.store.database import Database, Work
 from poweremail.store.schema import recipients
-from tests.delivery.helpers import FAST_DELIVERY
 from tests.delivery.receiver import Receiver
-from tests.reliability.outage import delivery_figures, ledger_figures, outage_figures, run_outages
+from tests.reliability.outage import (
+    delivery_figures,
+    ledger_figures,
+    outage_figures,
+    run_outages,
+    start_outage_node,
+)
 from tests.reliability.outage_load import LARGE_BODY, SteadyLoad
 from tests.reliability.proxy import TcpProxy
-from tests.reliability.store_faults import PipedServerProcess, store_fault
+from tests.reliability.store_faults import store_fault
 from tests.smtp.helpers import add_smtp_user
 from tests.smtp.letters import Outcome, assert_queued_as_acknowledged, assert_whole, queued_messages
 from tests.support import create_owner
@@ -97,15 +102,7 @@ def test_the_store_goes_away_under_load_and_everything_recovers_on_its_own(
     fault = store_fault(database_url)
     try:
         with Receiver() as relay:
-            node = PipedServerProcess(
-                data_dir=tmp_path / "data",
-                database_url=fault.node_url,
-                log_path=tmp_path / "serve.log",
-                roles="api,smtp,delivery",
-                extra_args=(
-                    "--node-name", "outage", *FAST_DELIVERY, "--relay", relay.address, "--relay-tls", "none",
-                ),
-            ).start()  # fmt: skip
+            node = start_outage_node(tmp_path, fault, relay)
             try:
                 fault.attach(node)
                 owner = create_owner(database_url)

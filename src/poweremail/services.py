@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from poweremail.config import Settings
 from poweremail.keyring import Keyring
 from poweremail.store.database import Database
+from poweremail.store.submissions import SenderStates, SubmissionWriter
 
 
 class DataDirError(Exception):
@@ -22,6 +23,14 @@ class Services:
     # Set when this node queues mail (a submission, a bounce): its delivery worker looks at once
     # instead of at its next poll.
     mail_queued: asyncio.Event = field(default_factory=asyncio.Event)
+    # Senders' states for the checks at MAIL; whatever changes an SMTP user or an owner calls
+    # senders.forget_all() once it has committed.
+    senders: SenderStates = field(default_factory=SenderStates)
+    # Accepted mail goes to the store through this, in batches (group commit).
+    submissions: SubmissionWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.submissions = SubmissionWriter(self.database, self.senders)
 
     async def close(self) -> None:
         await self.database.close()

@@ -67,7 +67,9 @@ DURING = {
     "postgresql": {
         "AUTH": replies.AUTH_TEMPORARY_FAILURE,
         "LOGIN": replies.AUTH_TEMPORARY_FAILURE,
-        "MAIL": replies.STORE_UNAVAILABLE,
+        # MAIL reads the store unless the sender's state is under SENDER_STATE_MAX_AGE old (its last
+        # batch refreshed it): in the outage's first half second MAIL may pass; DATA then says 451.
+        "MAIL": (replies.STORE_UNAVAILABLE, replies.SENDER_OK),
         "DATA": replies.STORE_UNAVAILABLE,
         "listSmtp": 500,
         "editSmtp": 500,
@@ -128,7 +130,8 @@ def test_the_store_goes_away_under_load_and_everything_recovers_on_its_own(
     for what, count in outage.smtp_during.items():
         stage, reply = what.split(" ", 1)
         if stage in expected:
-            assert reply == expected[stage], (what, count)
+            allowed = expected[stage]
+            assert reply in (allowed if isinstance(allowed, tuple) else (allowed,)), (what, count)
     for what in outage.api_during:
         call, status = what.split(" ", 2)[:2]
         assert int(status) == expected[call], what

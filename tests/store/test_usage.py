@@ -59,8 +59,8 @@ def test_the_window_counts_only_the_last_hour_and_says_when_it_frees(database_ur
 
 
 def test_accepted_at_never_goes_back_in_time_for_one_user(database_url: str) -> None:
-    """A node whose clock is behind stamps the message at the user's last time, keeping the running
-    totals in time order (what the lookups rely on)."""
+    """A node whose clock is behind stamps the message just after the user's last one (a microsecond),
+    keeping the running totals in strict time order (what the lookups rely on)."""
     run(_migrate(database_url))
 
     def scenario(conn: Connection) -> tuple[int, Usage | None]:
@@ -81,4 +81,66 @@ def test_accepted_at_never_goes_back_in_time_for_one_user(database_url: str) -> 
             .order_by(messages.messages.c.id)
         ).all(),
     )
-    assert [tuple(row) for row in stamps] == [(NOW, 2), (NOW, 5)]
+    assert [tuple(row) for row in stamps] == [(NOW, 2), (NOW + timedelta(microseconds=1), 5)]
+
+
+def test_a_batch_gives_the_outcomes_of_queueing_one_after_the_other(database_url: str) -> None:
+    """queue_messages (group commit) checks each message against the usage of those before it in the
+    batch, writes only the accepted ones, and counts exactly what it accepted."""
+    run(_migrate(database_url))
+
+    def request(user_id: int, recipients: int, n: int, *, version: int = 1) -> messages.QueueRequest:
+        return messages.QueueRequest(
+            smtp_user_id=user_id, credential_version=version, queue_id=f"QB{user_id}-{n}",
+            mail_from="a@example.com", rcpt_tos=[f"r{i}@example.com" for i in range(recipients)],
+            data=b"x" * n, now=NOW,
+        )  # fmt: skip
+
+    def scenario(conn: Connection) -> tuple[list[messages.QueueOutcome], list[tuple[object, ...]], list[int]]:
+        first, second = _user(conn, hourly_limit=5), _user(conn, hourly_limit=100)
+        batch = messages.queue_messages(
+            conn,
+            [
+                request(first, 2, 1),
+                request(second, 3, 2),
+                request(first, 2, 3),
+                request(first, 2, 4),  # 4 of 5 already in the hour: refused, resumes in an hour
+                request(first, 1, 5),  # still fits beside the first two
+                request(second, 1, 6, version=2),  # reset since its session logged in
+            ],
+        )
+        outcomes = batch.outcomes
+        assert {user_id: state.usage if state else None for user_id, state in batch.senders.items()} == {
+            first: Usage(5, 5),
+            second: Usage(3, 3),
+        }
+        rows = conn.execute(
+            messages.messages.select()
+            .with_only_columns(
+                messages.messages.c.queue_id,
+                messages.messages.c.sent_total_after,
+                messages.messages.c.accepted_at,
+            )
+            .where(messages.messages.c.smtp_user_id.in_([first, second]))
+            .order_by(messages.messages.c.id)
+        ).all()
+        totals = [conn.execute(sa_select_total(user_id)).scalar_one() for user_id in (first, second)]
+        return outcomes, [tuple(row) for row in rows], totals
+
+    outcomes, rows, totals = store_write(database_url, scenario)
+    queue_ids = [row[0] for row in rows]
+    assert outcomes[0] == messages.Queued(queue_ids[0])
+    assert outcomes[1] == messages.Queued(queue_ids[1])
+    assert outcomes[2] == messages.Queued(queue_ids[2])
+    assert outcomes[3] == OverLimit("hourly", 5, excess=1, resume_at=NOW + timedelta(hours=1))
+    assert outcomes[4] == messages.Queued(queue_ids[3])
+    assert outcomes[5] == messages.CredentialsRevoked()
+    assert len(rows) == 4  # the refused and the revoked ones are not stored
+    assert [row[1] for row in rows] == [2, 3, 4, 5]  # each sender's running total
+    first_user_times = [rows[0][2], rows[2][2], rows[3][2]]
+    assert first_user_times == sorted(set(first_user_times)), "one user's times must strictly increase"
+    assert totals == [5, 3]
+
+
+def sa_select_total(user_id: int) -> object:
+    return smtp_users.select().with_only_columns(smtp_users.c.sent_total).where(smtp_users.c.id == user_id)

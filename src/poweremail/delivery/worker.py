@@ -21,6 +21,7 @@ from itertools import groupby
 
 from sqlalchemy import Connection
 
+from poweremail.batches import Batch, Batches, settle_with_error
 from poweremail.config import Settings, parse_host_port
 from poweremail.delivery.bounce import FailedRecipient, build_bounce, enhanced_status
 from poweremail.delivery.connections import ConnectionPool
@@ -53,6 +54,15 @@ _CLAIM_AHEAD = 2
 # delay repeats for as long as the node runs. The lease may lapse meanwhile: the record still counts
 # unless another worker took the recipient since (it may then be sent twice, never lost).
 _RECORD_RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What one delivery transaction left to record: each recipient's outcome, a bounce to queue."""
+
+    now: datetime
+    outcomes: list[RecipientOutcome]
+    bounce: PlannedBounce | None
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,16 @@ class DeliveryWorker:
         self._router = Router(settings)
         self._pool = ConnectionPool(per_destination=settings.max_connections_per_destination)
         self._slots = asyncio.Semaphore(settings.delivery_concurrency)
+        # Messages whose delivery starts while others are being read are read together, in one
+        # query (measured: a read per message was 8% of a busy node's time). At most one per slot.
+        self._loads: Batches[int, QueuedMessage] = Batches(
+            self._load_messages, max_batch=settings.delivery_concurrency, name="delivery-reads"
+        )
+        # Outcomes of transactions that end together are recorded in one store transaction
+        # (measured on PostgreSQL: a transaction per message was most of delivery's store time).
+        self._records: Batches[_Record, None] = Batches(
+            self._record_outcomes, max_batch=settings.delivery_concurrency, name="delivery-records"
+        )
         self._lease = timedelta(seconds=settings.delivery_lease)
         self._in_hand: set[int] = set()  # recipient ids leased to us and not yet recorded
         # Set when the store failed us in a way that may leave leases of ours that nothing here works
@@ -218,6 +238,21 @@ class DeliveryWorker:
 
     # --- one job: a message's recipients at one domain ---------------------------------------
 
+    async def _load_messages(self, batch: Batch[int, QueuedMessage]) -> None:
+        message_ids = [message_id for message_id, _ in batch]
+        try:
+            loaded = await self._database.read(lambda conn: delivery_queue.load_messages(conn, message_ids))
+        except Exception as error:
+            settle_with_error(batch, error)
+            return
+        for message_id, future in batch:
+            if future.done():
+                continue
+            if message_id in loaded:
+                future.set_result(loaded[message_id])
+            else:
+                future.set_exception(LookupError(f"message {message_id} is not in the store"))
+
     async def _deliver(self, recipients: list[ClaimedRecipient]) -> None:
         ids = [recipient.id for recipient in recipients]
         message_id = recipients[0].message_id
@@ -227,14 +262,11 @@ class DeliveryWorker:
                     await self._give_back(ids)
                     return
                 try:
-                    loaded = await self._database.read(
-                        lambda conn: delivery_queue.load_messages(conn, [message_id])
-                    )
+                    message = await self._loads.submit(message_id)
                 except Exception:
                     logger.exception("delivery: could not read message %d; giving it back", message_id)
                     await self._give_back(ids)
                     return
-                message = loaded[message_id]
                 attempt = await self._attempt(message, recipients)
             await self._record(message, recipients, attempt)
         except asyncio.CancelledError:
@@ -334,11 +366,7 @@ class DeliveryWorker:
         delays = iter(_RECORD_RETRY_DELAYS)
         while True:
             try:
-                await self._database.write(
-                    lambda conn: delivery_queue.record_outcomes(
-                        conn, worker=self._worker, now=now, outcomes=outcomes, bounce=bounce
-                    )
-                )
+                await self._records.submit(_Record(now, outcomes, bounce))
             except Exception:
                 if self._stopping:
                     logger.exception(
@@ -352,6 +380,33 @@ class DeliveryWorker:
                 break
         if bounce is not None:
             self._services.mail_queued.set()
+
+    async def _record_outcomes(self, batch: Batch[_Record, None]) -> None:
+        records = [record for record, _ in batch]
+
+        def record_all(conn: Connection) -> None:
+            delivery_queue.lock_recipients(
+                conn, [outcome.recipient_id for record in records for outcome in record.outcomes]
+            )
+            for record in records:
+                delivery_queue.record_outcomes(
+                    conn, worker=self._worker, now=record.now, outcomes=record.outcomes, bounce=record.bounce
+                )
+
+        try:
+            await self._database.write(record_all)
+        except Exception as error:
+            if len(batch) == 1:
+                settle_with_error(batch, error)
+                return
+            # Each alone, so one that cannot be recorded does not hold the others back. Recording again
+            # after a COMMIT whose answer was lost is harmless: a recipient is recorded only while it
+            # is still leased to us, and recording releases the lease.
+            await asyncio.gather(*(self._record_outcomes([item]) for item in batch))
+            return
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
 
     def _decide(
         self,

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import re
+import sqlite3
 from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -35,8 +36,10 @@ logger = logging.getLogger("poweremail.smtp")
 MAX_FAILED_LOGINS_PER_SESSION = 3
 # Compared against when the user does not exist, so that costs what a wrong password costs.
 _DUMMY_PASSWORD = new_smtp_password().encode()
-# Errors that mean "the store is not there right now" rather than a bug.
-_STORE_ERRORS = (SQLAlchemyError, OSError, asyncio.TimeoutError)
+# Errors that mean "the store is not there right now" rather than a bug. sqlite3's own errors too:
+# one escaping a DATA hook would leave the session's transaction open (aiosmtpd resets it only
+# after a reply from the hook), and every next MAIL would get 503.
+_STORE_ERRORS = (SQLAlchemyError, sqlite3.Error, OSError, asyncio.TimeoutError)
 # How long a login waits for checks in flight to free one of its name's failures (UserLoginThrottle).
 ADMISSION_WAIT = 5.0
 # RFC 5321 4.1.2: a Mailbox is Local-part "@" Domain, without control characters (atext, qtextSMTP and
@@ -211,14 +214,17 @@ class SubmissionHandler:
         if address != "<>" and not _is_mailbox(address):  # aiosmtpd keeps the null sender as "<>"
             return replies.BAD_SENDER
         identity = _identity(session)
-        try:
-            now = datetime.now(UTC)
-            state = await self._services.database.read(
-                lambda conn: messages.sender_state(conn, smtp_user_id=identity.smtp_user_id, now=now)
-            )
-        except _STORE_ERRORS:
-            logger.exception("could not read the state of %s", identity.name)
-            return replies.STORE_UNAVAILABLE
+        state = self._services.senders.fresh(identity.smtp_user_id)
+        if state is None:
+            try:
+                now = datetime.now(UTC)
+                state = await self._services.database.read(
+                    lambda conn: messages.sender_state(conn, smtp_user_id=identity.smtp_user_id, now=now)
+                )
+            except _STORE_ERRORS:
+                logger.exception("could not read the state of %s", identity.name)
+                return replies.STORE_UNAVAILABLE
+            self._services.senders.remember(identity.smtp_user_id, state)
         if state is None or not state.may_send or state.credential_version != identity.credential_version:
             # SPEC §4: disabled, deleted or reset mid-session: no new transaction, and no more
             # transactions on this login.
@@ -279,19 +285,17 @@ class SubmissionHandler:
         data = stamp(envelope.original_content, received=received, hostname=self._hostname, queue_id=queue_id)
         # aiosmtpd keeps the null sender as "<>" (an empty value would mean "no MAIL yet").
         mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
+        request = messages.QueueRequest(
+            smtp_user_id=identity.smtp_user_id,
+            credential_version=identity.credential_version,
+            queue_id=queue_id,
+            mail_from=mail_from,
+            rcpt_tos=envelope.rcpt_tos,
+            data=data,
+            now=now,
+        )
         try:
-            outcome = await self._services.database.write(
-                lambda conn: messages.queue_message(
-                    conn,
-                    smtp_user_id=identity.smtp_user_id,
-                    credential_version=identity.credential_version,
-                    queue_id=queue_id,
-                    mail_from=mail_from,
-                    rcpt_tos=envelope.rcpt_tos,
-                    data=data,
-                    now=now,
-                )
-            )
+            outcome = await self._services.submissions.queue(request)
         except _STORE_ERRORS:
             logger.exception("could not queue a message of %s", identity.name)
             return replies.STORE_UNAVAILABLE

@@ -10,15 +10,19 @@ COMMIT that made it durable (SPEC §4: 250 only once on stable storage).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine.interfaces import DBAPICursor
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 # Enough to absorb every waiting SMTP session of a busy node in one commit, few enough that one
 # batch never holds SQLite's write lock for long.
@@ -64,6 +68,7 @@ class BatchingWorkers:
     def __init__(self, engine: Engine, *, writes: bool, threads: int, name: str) -> None:
         self._engine = engine
         self._writes = writes
+        self._write_lock = _WriteLock.beside(engine.url.database) if writes else None
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True) for i in range(threads)
@@ -82,6 +87,8 @@ class BatchingWorkers:
             self._queue.put(_STOP)
         for thread in self._threads:
             thread.join()
+        if self._write_lock is not None:
+            self._write_lock.close()
 
     def _serve(self) -> None:
         while True:
@@ -113,17 +120,27 @@ class BatchingWorkers:
         """One transaction, one savepoint per job, one COMMIT for all (group commit)."""
         outcomes: list[_Outcome] = []
         try:
-            with self._engine.connect() as conn:
+            with self._write_lock or contextlib.nullcontext(), self._engine.connect() as conn:
                 conn = conn.execution_options(poweremail_write=True)
                 sqlite = conn.connection.dbapi_connection
                 assert sqlite is not None
+                cursor = sqlite.cursor()
                 with conn.begin():
                     for job in batch:
+                        # A savepoint per job: a failing job rolls back only itself. Written out rather
+                        # than conn.begin_nested(): SQLAlchemy compiles each SAVEPOINT and RELEASE anew
+                        # (their names differ), which was 12% of the server's time under load.
+                        _execute(cursor, "SAVEPOINT job")
                         try:
-                            with conn.begin_nested():  # a failing job rolls back only itself
-                                outcomes.append(_Outcome(job, value=job.work(conn)))
+                            value = job.work(conn)
                         except Exception as error:
                             outcomes.append(_Outcome(job, error=error))
+                            if sqlite.in_transaction:
+                                _execute(cursor, "ROLLBACK TO job")
+                                _execute(cursor, "RELEASE job")
+                        else:
+                            _execute(cursor, "RELEASE job")
+                            outcomes.append(_Outcome(job, value=value))
                         if not sqlite.in_transaction:
                             # A disk that is full or fails (SQLITE_FULL, SQLITE_IOERR) can make SQLite
                             # roll back the whole transaction, not just the failing statement: the jobs
@@ -148,6 +165,44 @@ class BatchingWorkers:
             done = {id(outcome.job) for outcome in outcomes}
             outcomes += [_Outcome(job, error=error) for job in batch if id(job) not in done]
         return outcomes
+
+
+class _WriteLock:
+    """An exclusive lock on a file beside the database, held by a writer thread for a whole batch.
+
+    SQLite's own lock is what keeps writes correct; this one only makes processes sharing one
+    database (``serve --workers N``) take turns efficiently. A writer that finds SQLite's lock
+    taken sleeps 1, 2, 5, 10, ... ms before it looks again (its busy handler); one waiting here is
+    woken by the kernel the moment the lock is released. Measured with two workers, 1 KB messages
+    on reused connections: 866 -> 1,220-1,590 msg/s, p99 246 -> 24-35 ms.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a+b")
+
+    @classmethod
+    def beside(cls, database: str | None) -> _WriteLock | None:
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        return cls(Path(database + "-writelock"))
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+
+    def __exit__(self, *_: object) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _execute(cursor: DBAPICursor, statement: str) -> None:
+    """A statement on the driver's cursor, its errors raised as SQLAlchemy's (as every other store
+    error is, so callers need to know one family)."""
+    try:
+        cursor.execute(statement)
+    except sqlite3.Error as error:
+        raise OperationalError(statement, None, error) from error
 
 
 def _settle(outcomes: list[_Outcome]) -> None:

@@ -130,6 +130,12 @@ _EXTEND = (
     )
     .values(locked_until=sa.bindparam("until"))
 )
+_LOCK_IN_ORDER = (
+    sa.select(recipients.c.id)
+    .where(recipients.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(recipients.c.id)
+    .with_for_update()
+)
 _RELEASE_ALL = (
     recipients.update()
     .where(recipients.c.locked_by == sa.bindparam("worker"))
@@ -246,8 +252,21 @@ def queue_bounce(
     )
 
 
+def lock_recipients(conn: Connection, recipient_ids: Collection[int]) -> None:
+    """Lock these recipients' rows in id order (PostgreSQL; SQLite has one writer at a time).
+
+    Every transaction that changes many of one worker's rows at once (renewing its leases,
+    recording a batch of outcomes) locks them first this way: two of them then never wait for each
+    other in a cycle. Seen before: a lease renewal (rows in the order of the index scan) against a
+    batch of outcomes (rows in the order deliveries ended), and PostgreSQL aborting one as a deadlock.
+    """
+    if recipient_ids and conn.dialect.name == "postgresql":
+        conn.execute(_LOCK_IN_ORDER, {"ids": sorted(recipient_ids)})
+
+
 def extend_leases(conn: Connection, *, worker: str, recipient_ids: Collection[int], until: datetime) -> None:
     if recipient_ids:
+        lock_recipients(conn, recipient_ids)
         conn.execute(_EXTEND, {"ids": list(recipient_ids), "worker": worker, "until": until})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -41,11 +41,11 @@ QueueOutcome = Queued | OverLimit | CredentialsRevoked
 
 # Every statement of the submission path is built once and executed with parameters: building a
 # Core statement per call cost 3.6x executing a prebuilt one (205 vs 57 µs, measured on SQLite).
+# Recipients sent in the rolling hour are the user's sent_total minus its running total as it stood
+# an hour ago: one index lookup on messages(smtp_user_id, accepted_at), however much it sends.
 _TOTAL_BEFORE_WINDOW = (
     sa.select(messages.c.sent_total_after)
-    .where(
-        messages.c.smtp_user_id == sa.bindparam("user_id"), messages.c.accepted_at <= sa.bindparam("hour_ago")
-    )
+    .where(messages.c.accepted_at <= sa.bindparam("hour_ago"))
     .order_by(messages.c.accepted_at.desc())
     .limit(1)
 )
@@ -58,6 +58,8 @@ _FIRST_REACHING = (
     .order_by(messages.c.sent_total_after)
     .limit(1)
 )
+# The user's row and its running total as it stood an hour ago, in one statement: the MAIL-time
+# read is one execute, not two (measured: each SQLAlchemy execute is ~40 µs of the GIL on SQLite).
 _SENDER = (
     sa.select(
         smtp_users.c.status,
@@ -68,28 +70,25 @@ _SENDER = (
         smtp_users.c.sent_total,
         smtp_users.c.last_accepted_at,
         owners.c.is_active,
+        _TOTAL_BEFORE_WINDOW.where(messages.c.smtp_user_id == smtp_users.c.id)
+        .scalar_subquery()
+        .label("total_before_window"),
     )
     .join(owners, owners.c.id == smtp_users.c.owner_pk)
     .where(smtp_users.c.id == sa.bindparam("user_id"))
 )
 _SENDER_LOCKED = _SENDER.with_for_update(of=smtp_users)
-_INSERT_MESSAGE = messages.insert().returning(messages.c.id)
+# Many rows in one statement, their ids in the order of the rows (SQLAlchemy's insertmanyvalues).
+_INSERT_MESSAGES = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
 _INSERT_CONTENT = message_contents.insert()
 _INSERT_RECIPIENT = recipients.insert()
+# Distinct times for one user's messages written together (see _write_accepted).
+_TICK = timedelta(microseconds=1)
 _COUNT_SENT = (
     smtp_users.update()
     .where(smtp_users.c.id == sa.bindparam("user_id"))
     .values(sent_total=sa.bindparam("sent_total"), last_accepted_at=sa.bindparam("accepted_at"))
 )
-
-
-def _sent_last_hour(conn: Connection, *, smtp_user_id: int, sent_total: int, now: datetime) -> int:
-    """Recipients sent in the rolling hour: sent_total minus the running total as it stood an hour
-    ago (one index lookup on messages(smtp_user_id, accepted_at))."""
-    before_window = conn.scalar(
-        _TOTAL_BEFORE_WINDOW, {"user_id": smtp_user_id, "hour_ago": now - HOURLY_WINDOW}
-    )
-    return sent_total - (before_window or 0)
 
 
 def hourly_resume_at(
@@ -113,7 +112,9 @@ def sender_state(
     (``SELECT … FOR UPDATE``); on SQLite the write transaction itself (``BEGIN IMMEDIATE``) already
     excludes every other writer.
     """
-    row = conn.execute(_SENDER_LOCKED if lock else _SENDER, {"user_id": smtp_user_id}).first()
+    row = conn.execute(
+        _SENDER_LOCKED if lock else _SENDER, {"user_id": smtp_user_id, "hour_ago": now - HOURLY_WINDOW}
+    ).first()
     if row is None:
         return None
     return SenderState(
@@ -122,12 +123,23 @@ def sender_state(
         limits=Limits(total_limit=row.total_limit, hourly_limit=row.hourly_limit),
         usage=Usage(
             sent_total=row.sent_total,
-            sent_last_hour=_sent_last_hour(
-                conn, smtp_user_id=smtp_user_id, sent_total=row.sent_total, now=now
-            ),
+            sent_last_hour=row.sent_total - (row.total_before_window or 0),
         ),
         last_accepted_at=row.last_accepted_at,
     )
+
+
+@dataclass(frozen=True)
+class QueueRequest:
+    """One message to queue, as the submission server hands it over at the end of DATA."""
+
+    smtp_user_id: int
+    credential_version: int  # as it was when the session logged in
+    queue_id: str
+    mail_from: str
+    rcpt_tos: Sequence[str]
+    data: bytes
+    now: datetime
 
 
 def queue_message(
@@ -141,37 +153,103 @@ def queue_message(
     data: bytes,
     now: datetime,
 ) -> QueueOutcome:
-    """In the caller's write transaction: check the limits under the user's row lock, then queue
-    the message and count its recipients. Nothing is written unless everything is."""
-    state = sender_state(conn, smtp_user_id=smtp_user_id, now=now, lock=True)
-    if state is None or not state.may_send or state.credential_version != credential_version:
-        return CredentialsRevoked()
-    refusal = check_limits(limits=state.limits, usage=state.usage, recipients=len(rcpt_tos))
-    if refusal is not None:
-        if refusal.which == "hourly" and refusal.excess:
-            resume_at = hourly_resume_at(
-                conn, smtp_user_id=smtp_user_id, usage=state.usage, excess=refusal.excess, now=now
-            )
-            return replace(refusal, resume_at=resume_at)
-        return refusal
-    # Never earlier than the user's previous message, even if another node's clock is behind: the
-    # running totals then stay in time order, which the rolling-hour lookups rely on.
-    if state.last_accepted_at is not None and state.last_accepted_at > now:
-        now = state.last_accepted_at
-    sent_total_after = state.usage.sent_total + len(rcpt_tos)
-    message_id = conn.execute(
-        _INSERT_MESSAGE,
-        {
-            "queue_id": queue_id,
-            "smtp_user_id": smtp_user_id,
-            "mail_from": mail_from,
-            "recipient_count": len(rcpt_tos),
-            "size_bytes": len(data),
-            "accepted_at": now,
-            "sent_total_after": sent_total_after,
-        },
-    ).scalar_one()
-    conn.execute(_INSERT_CONTENT, {"message_id": message_id, "data": data})
+    """``queue_messages`` for one message."""
+    request = QueueRequest(smtp_user_id, credential_version, queue_id, mail_from, rcpt_tos, data, now)
+    return queue_messages(conn, [request]).outcomes[0]
+
+
+@dataclass(frozen=True)
+class QueuedBatch:
+    outcomes: list[QueueOutcome]  # one per request, in order
+    # Each sender's status, limits and usage once the batch is written, as read under its row lock
+    # (None: the user no longer exists): fresh state the submission server can reuse at MAIL.
+    senders: dict[int, SenderState | None]
+
+
+def queue_messages(conn: Connection, requests: Sequence[QueueRequest]) -> QueuedBatch:
+    """In the caller's write transaction: for each request in order, check the limits under its
+    user's row lock, then queue the message and count its recipients. The outcomes are what
+    queueing the messages one after the other would give; nothing is written unless all is.
+
+    Measured: one call for every message that finished DATA meanwhile, with the rows of all of them
+    written by one statement per table, cost a tenth of the statements of a call per message.
+    """
+    now = max(request.now for request in requests)
+    # Rows locked in id order: two nodes' batches never wait for each other in a cycle (PostgreSQL).
+    states = {
+        user_id: sender_state(conn, smtp_user_id=user_id, now=now, lock=True)
+        for user_id in sorted({request.smtp_user_id for request in requests})
+    }
+    usage = {user_id: state.usage for user_id, state in states.items() if state is not None}
+    outcomes: list[QueueOutcome] = []
+    accepted: list[tuple[QueueRequest, int]] = []  # with the sender's running total after it
+    for request in requests:
+        state = states[request.smtp_user_id]
+        if state is None or not state.may_send or state.credential_version != request.credential_version:
+            outcomes.append(CredentialsRevoked())
+            continue
+        used = usage[request.smtp_user_id]
+        refusal = check_limits(limits=state.limits, usage=used, recipients=len(request.rcpt_tos))
+        if refusal is not None:
+            if refusal.which == "hourly" and refusal.excess:
+                resume_at = hourly_resume_at(
+                    conn, smtp_user_id=request.smtp_user_id, usage=used, excess=refusal.excess, now=now
+                )
+                refusal = replace(refusal, resume_at=resume_at)
+            outcomes.append(refusal)
+            continue
+        usage[request.smtp_user_id] = used.plus(len(request.rcpt_tos))
+        accepted.append((request, used.sent_total + len(request.rcpt_tos)))
+        outcomes.append(Queued(request.queue_id))
+    if accepted:
+        last_accepted_at = {user_id: state.last_accepted_at for user_id, state in states.items() if state}
+        _write_accepted(conn, accepted, last_accepted_at=last_accepted_at, now=now)
+    senders = {
+        user_id: None if state is None else replace(state, usage=usage[user_id])
+        for user_id, state in states.items()
+    }
+    return QueuedBatch(outcomes, senders)
+
+
+def _write_accepted(
+    conn: Connection,
+    accepted: Sequence[tuple[QueueRequest, int]],
+    *,
+    last_accepted_at: dict[int, datetime | None],
+    now: datetime,
+) -> None:
+    # Each user's messages get strictly increasing times, never earlier than its previous message
+    # (even if another node's clock is behind): the running totals then stay in time order, and
+    # "the latest message at or before an hour ago" is one row, which the rolling hour relies on.
+    clock: dict[int, datetime] = {}
+    message_rows = []
+    for request, sent_total_after in accepted:
+        user_id = request.smtp_user_id
+        if user_id in clock:
+            accepted_at = clock[user_id] + _TICK
+        else:
+            last = last_accepted_at[user_id]
+            accepted_at = now if last is None or last < now else last + _TICK
+        clock[user_id] = accepted_at
+        message_rows.append(
+            {
+                "queue_id": request.queue_id,
+                "smtp_user_id": user_id,
+                "mail_from": request.mail_from,
+                "recipient_count": len(request.rcpt_tos),
+                "size_bytes": len(request.data),
+                "accepted_at": accepted_at,
+                "sent_total_after": sent_total_after,
+            }
+        )
+    message_ids = conn.execute(_INSERT_MESSAGES, message_rows).scalars().all()
+    conn.execute(
+        _INSERT_CONTENT,
+        [
+            {"message_id": message_id, "data": request.data}
+            for message_id, (request, _) in zip(message_ids, accepted, strict=True)
+        ],
+    )
     conn.execute(
         _INSERT_RECIPIENT,
         [
@@ -181,8 +259,17 @@ def queue_message(
                 "domain": address_domain(rcpt),
                 "next_attempt_at": now,
             }
-            for rcpt in rcpt_tos
+            for message_id, (request, _) in zip(message_ids, accepted, strict=True)
+            for rcpt in request.rcpt_tos
         ],
     )
-    conn.execute(_COUNT_SENT, {"user_id": smtp_user_id, "sent_total": sent_total_after, "accepted_at": now})
-    return Queued(queue_id)
+    totals: dict[int, tuple[int, datetime]] = {}
+    for request, sent_total_after in accepted:
+        totals[request.smtp_user_id] = (sent_total_after, clock[request.smtp_user_id])
+    conn.execute(
+        _COUNT_SENT,
+        [
+            {"user_id": user_id, "sent_total": sent_total, "accepted_at": accepted_at}
+            for user_id, (sent_total, accepted_at) in totals.items()
+        ],
+    )

@@ -39,8 +39,14 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+# Built once: json.loads with these options builds a new decoder (and scanner) on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant)
+
+
 def _load_json(text: str) -> Any:
-    return json.loads(text, object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant)
+    if text.startswith("\ufeff"):  # as json.loads answers it
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _DECODER.decode(text)
 
 
 def parse_json_body(text: str) -> dict[str, Any]:

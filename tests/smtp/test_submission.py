@@ -342,3 +342,41 @@ def test_a_limit_lowered_during_the_transaction_refuses_at_the_end_of_data_with_
         # The authoritative check, under the row lock, sees the new limit and says so.
         assert smtp.command(MESSAGE + b".") == replies.TOTAL_LIMIT.format(limit=1)
     assert usage(server, owner, user) == (0, 0)
+
+
+# The data is read in blocks up to each ".\r\n" (protocol.SubmissionSMTP._receive_data): these are the
+# places where a block reader could end early, late, or lose a dot.
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored_body"),
+    [
+        # Lines ending in a full stop are prose, not the end of the data.
+        (b"Subject: x\r\n\r\nEnds with a dot.\r\nAnd again.\r\n.\r\n", b"Ends with a dot.\r\nAnd again.\r\n"),
+        # A dot after a bare LF or a bare CR does not start a line (no smuggling).
+        (b"Subject: x\r\n\r\na\n.\r\nb\r.\r\n.\r\n", b"a\r\n.\r\nb\r\n.\r\n"),
+        # A dot-stuffed line right after the header, and one that is only the stuffed dot.
+        (b"Subject: x\r\n\r\n..\r\n...x.\r\n.\r\n", b".\r\n..x.\r\n"),
+    ],
+    ids=["full-stops", "bare-lf-cr-dots", "stuffed"],
+)
+def test_data_ends_only_at_a_line_that_is_a_dot(
+    server: ServerProcess, user: SmtpUser, sent: bytes, stored_body: bytes
+) -> None:
+    stored = stored_message(server, _send_raw(server, user, sent))
+    assert stored is not None and stored.data.endswith(b"\r\n\r\n" + stored_body)
+
+
+def test_data_sent_an_octet_at_a_time_ends_at_its_dot(server: ServerProcess, user: SmtpUser) -> None:
+    """The end ("\\r\\n.\\r\\n") split over five TCP segments, and a first line starting with a dot."""
+    with RawSMTP(server.smtp_port) as smtp:
+        smtp.login(user.name, user.password)
+        assert smtp.command("MAIL FROM:<a@example.com>") == replies.SENDER_OK
+        assert smtp.command("RCPT TO:<b@example.com>") == replies.RECIPIENT_OK
+        assert smtp.command("DATA").startswith("354")
+        for octet in b"..first line\r\nSubject: x\r\n\r\nbody\r\n.\r\n":
+            smtp.send(bytes([octet]))
+        reply = smtp.reply()
+        assert reply.startswith("250 2.0.0 Ok: queued as "), reply
+        stored = stored_message(server, queue_id_of(reply))
+    assert stored is not None and stored.data.endswith(b".first line\r\nSubject: x\r\n\r\nbody\r\n")

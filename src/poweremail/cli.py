@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, NoReturn
@@ -20,16 +21,18 @@ import pydantic_settings
 from poweremail import __version__
 from poweremail.config import COMMON_FIELDS, Settings, load_settings
 from poweremail.keyring import DecryptionError, Keyring, KeyringError
-from poweremail.listeners import ListenError
+from poweremail.listeners import ListenError, describe
 from poweremail.services import DataDirError, Services, open_services
 from poweremail.smtp.tls import TlsConfigError
 from poweremail.store import owners, smtp_users
 from poweremail.store.database import Database, DatabaseUnavailableError, DatabaseUrlError
+from poweremail.supervisor import SupervisorError, supervise, worker_label
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 # Long enough for an addSmtp that read the old key file to commit before the last sweep.
 ROTATION_SETTLE_SECONDS = 1.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -107,7 +110,8 @@ def _settings_from(args: argparse.Namespace) -> Settings:
             raise CommandError(f"bad settings: {error['msg'].removeprefix('Value error, ')}") from None
         name = str(error["loc"][0])
         flag = "--" + name.replace("_", "-")
-        raise CommandError(f"bad value for {flag} (or POWEREMAIL_{name.upper()}): {error['msg']}") from None
+        message = error["msg"].removeprefix("Value error, ")
+        raise CommandError(f"bad value for {flag} (or POWEREMAIL_{name.upper()}): {message}") from None
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -118,6 +122,41 @@ async def _serve(settings: Settings, _args: argparse.Namespace) -> int:
 
     await run_node(settings)
     return 0
+
+
+def _serve_workers(settings: Settings) -> int:
+    """``serve --workers N``: bind and prepare once here, then N processes run the node (supervisor)."""
+    from poweremail.node import bind_all, prepare_node, raise_open_file_limit, run_node, worker_settings
+
+    raise_open_file_limit()
+    sockets = bind_all(settings, shared=True)
+    try:
+        asyncio.run(prepare_node(settings))
+
+        def run_worker(index: int) -> int:
+            _configure_logging(settings, label=worker_label(index))
+            try:
+                asyncio.run(run_node(worker_settings(settings, index), sockets=sockets))
+            except ONE_LINE_ERRORS as exc:
+                print(f"poweremail: {worker_label(index)}: {exc}", file=sys.stderr)
+                return EXIT_FAILURE
+            return 0
+
+        ports = ", ".join(describe(sock) for sock in sockets.values()) or "no port"
+        logging.getLogger("poweremail").info("starting %d worker processes on %s", settings.workers, ports)
+        return supervise(
+            workers=settings.workers,
+            run_worker=run_worker,
+            on_stop=lambda: _close_all(sockets),
+            shutdown_grace=settings.shutdown_grace,
+        )
+    finally:
+        _close_all(sockets)
+
+
+def _close_all(sockets: dict[str, socket.socket]) -> None:
+    for sock in sockets.values():
+        sock.close()
 
 
 async def _with_services(settings: Settings, work: Callable[[Services], Awaitable[int]]) -> int:
@@ -205,31 +244,43 @@ async def _keys_rotate(settings: Settings, _args: argparse.Namespace) -> int:
 # --- entry point ------------------------------------------------------------------------------
 
 
+# What ends a command with one line on stderr (SPEC §6).
+ONE_LINE_ERRORS = (
+    CommandError,
+    DataDirError,
+    DatabaseUnavailableError,
+    DatabaseUrlError,
+    DecryptionError,
+    KeyringError,
+    ListenError,
+    SupervisorError,
+    TlsConfigError,
+)
+
+
+def _configure_logging(settings: Settings, *, label: str | None = None) -> None:
+    """Log lines to stderr; a worker process of ``serve --workers`` says which one it is."""
+    log_format = LOG_FORMAT if label is None else LOG_FORMAT.replace("%(name)s", f"%(name)s [{label}]")
+    # force: a worker replaces the handler it inherited; otherwise leave any (pytest's) in place.
+    logging.basicConfig(
+        level=settings.log_level, format=log_format, stream=sys.stderr, force=label is not None
+    )
+    if settings.log_level != "DEBUG":
+        # One line per migration step, and aiosmtpd's one line per SMTP command, are noise.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = _settings_from(args)
-        logging.basicConfig(
-            level=settings.log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
-        if settings.log_level != "DEBUG":
-            # One line per migration step, and aiosmtpd's one line per SMTP command, are noise.
-            logging.getLogger("alembic").setLevel(logging.WARNING)
-            logging.getLogger("mail.log").setLevel(logging.WARNING)
+        _configure_logging(settings)
+        if args.run is _serve and settings.workers > 1:
+            return _serve_workers(settings)  # forks: no event loop may be running here
         command: Command = args.run
         return asyncio.run(command(settings, args))
-    except (
-        CommandError,
-        DataDirError,
-        DatabaseUnavailableError,
-        DatabaseUrlError,
-        DecryptionError,
-        KeyringError,
-        ListenError,
-        TlsConfigError,
-    ) as exc:
+    except ONE_LINE_ERRORS as exc:
         print(f"poweremail: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         600, gt=0, description="seconds over which --failed-logins-per-user come back"
     )
 
+    # Pre-forked processes sharing the node's listening sockets (poweremail.supervisor): one
+    # Python process uses about one core (the GIL), so this is how a node uses more.
+    workers: int = Field(
+        1, ge=1, le=64, description="processes serving this node, sharing its ports (one per core)"
+    )
+
     shutdown_grace: float = Field(
         30, ge=0, description="seconds open SMTP transactions and deliveries get to finish on SIGTERM"
     )
@@ -140,6 +146,14 @@ class Settings(BaseSettings):
     def _positive_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if any(delay <= 0 for delay in value):
             raise ValueError("every retry delay must be more than 0 seconds")
+        return value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _whole_workers(cls, value: Any) -> Any:
+        # pydantic would take "2.0" (or True) for 2; a count of processes is written as digits.
+        if isinstance(value, bool) or (isinstance(value, str) and not value.strip().isdigit()):
+            raise ValueError("must be a whole number from 1 to 64")
         return value
 
     @field_validator("relay", "dns_server")

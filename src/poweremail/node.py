@@ -4,6 +4,9 @@ Every socket is bound first, so a port in use stops the program before anything 
 SIGINT and SIGTERM stop the node gracefully: listeners close, open SMTP transactions and deliveries
 in flight may finish (for at most ``--shutdown-grace`` seconds), unattempted delivery claims are
 given back, and the process exits 0.
+
+With ``--workers N`` (N > 1) the CLI runs :func:`prepare_node` once, then N processes each run
+:func:`run_node` on the sockets the parent bound (see ``poweremail.supervisor``).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import uvicorn
 from poweremail.api.app import create_app
 from poweremail.config import Settings
 from poweremail.delivery.worker import DeliveryWorker
-from poweremail.listeners import bind_tcp, describe
+from poweremail.listeners import TakeTurnsSocket, bind_tcp, describe
 from poweremail.services import Services, open_services
 from poweremail.smtp.server import SubmissionServers, start_smtp_servers
+from poweremail.smtp.tls import certificate_paths, server_context
+from poweremail.store import delivery_queue
 
 logger = logging.getLogger("poweremail")
 
@@ -61,7 +66,9 @@ def raise_open_file_limit() -> int:
     return wanted
 
 
-def _bind_all(settings: Settings) -> dict[str, socket.socket]:
+def bind_all(settings: Settings, *, shared: bool = False) -> dict[str, socket.socket]:
+    """Every listening socket the node's roles need; a port in use is one ``ListenError``.
+    ``shared``: for worker processes that take turns accepting on them (TakeTurnsSocket)."""
     wanted = {
         "api": [("api", settings.api_host, settings.api_port, "the API")],
         "smtp": [
@@ -73,7 +80,8 @@ def _bind_all(settings: Settings) -> dict[str, socket.socket]:
     try:
         for role in settings.roles:
             for name, host, port, purpose in wanted.get(role, []):
-                sockets[name] = bind_tcp(host, port, purpose=purpose)
+                sock = bind_tcp(host, port, purpose=purpose)
+                sockets[name] = TakeTurnsSocket(sock) if shared else sock
     except BaseException:
         for sock in sockets.values():
             sock.close()
@@ -94,14 +102,47 @@ def _api_server(services: Services) -> _ApiServer:
     )
 
 
-async def run_node(settings: Settings) -> None:
+async def prepare_node(settings: Settings) -> None:
+    """What must happen once before several worker processes start, and can fail with one line: the
+    data directory and key, the migrations, the self-signed certificate (N workers must not race
+    to write it; a configured pair that does not load is reported here), and giving back the
+    delivery leases a single-process run of this node left (each worker gives back its own).
+
+    Everything it opened is closed again when it returns: the caller forks next.
+    """
+    services = await open_services(settings)
+    try:
+        if "smtp" in settings.roles:
+            server_context(*certificate_paths(settings))
+        if "delivery" in settings.roles:
+            released = await services.database.write(
+                lambda conn: delivery_queue.release_leases(conn, worker=settings.node_name)
+            )
+            if released:
+                logger.info("delivery: gave back %d recipient(s) node %r had in hand", released,
+                            settings.node_name)  # fmt: skip
+    finally:
+        await services.close()
+
+
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """The settings of worker ``index`` of a node: its own delivery worker name, so a worker that is
+    started again resumes its own claims at once (and no other worker's)."""
+    return settings.model_copy(update={"node_name": f"{settings.node_name}-{index}"})
+
+
+async def run_node(settings: Settings, *, sockets: dict[str, socket.socket] | None = None) -> None:
+    """Run the node until SIGINT/SIGTERM; ``sockets``: already bound (by bind_all), e.g. inherited."""
     open_files = raise_open_file_limit()
-    sockets = _bind_all(settings)
+    if sockets is None:
+        sockets = bind_all(settings)
     services = await open_services(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # A worker process starts with them blocked (supervisor): pending until they are handled here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
     tasks: list[asyncio.Task[None]] = []
     api_server: _ApiServer | None = None

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BARE_SCRIPT = Path(__file__).resolve().parent / "bare_smtp.py"
+BARE_USER, BARE_PASSWORD = "bench", "bench-password"  # what bench/bare_smtp.py accepts
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 

@@ -50,7 +50,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import re
 import secrets
 import shutil
 import signal
@@ -69,13 +68,11 @@ from typing import Any
 
 import asyncpg
 from _machine import cpu_model, machine_cpu, own_cpu, process_cpu
+from _receiver import SMTP_SINK_SETUP, Receiver, find_smtp_sink, install_smtp_sink
 from _servers import free_port, running, stop_process
 from sqlalchemy import make_url
 
 from smtp import (  # bench/ is on sys.path: scripts run as python bench/X.py
-    BARE_PASSWORD,
-    BARE_SCRIPT,
-    BARE_USER,
     GO_DELAY_S,
     NOISY_OTHER_CORES,
     SQLITE,
@@ -91,6 +88,7 @@ from smtp import (  # bench/ is on sys.path: scripts run as python bench/X.py
     load_command,
     postgres_version,
     poweremail_command,
+    publish,
     server_errors,
     source_version,
     split_sessions,
@@ -116,10 +114,6 @@ KEEP_UP_SHARE = 0.95
 SERVER_DEFAULTS = (50, 10)
 BASELINE = "api,smtp"
 WARMUP, PROFILED = 0, -1  # Measurement.run of the uncounted measurements
-SMTP_SINK_SETUP = (
-    "echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections && "
-    "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix"
-)
 # In a profile: which part of the server a stack belongs to, by the first of these frames it holds.
 # The deepest frame of a stack that holds one of these markers decides the part (first match wins).
 PARTS = (
@@ -135,80 +129,6 @@ PARTS = (
     ("store/messages.py", "submission (aiosmtpd, handler, its store work)"),
     ("_sqlite_batches.py", "store threads: BEGIN, COMMIT, batching"),
 )
-
-
-# --- the receiver -----------------------------------------------------------------------------
-
-
-def find_smtp_sink() -> str | None:
-    return shutil.which("smtp-sink") or next(
-        (path for path in ("/usr/sbin/smtp-sink", "/usr/bin/smtp-sink") if os.access(path, os.X_OK)), None
-    )
-
-
-def install_smtp_sink() -> str | None:
-    """Install Debian's postfix for its smtp-sink, configured to start no daemon; None if that fails."""
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return None
-    print(f"installing smtp-sink: {SMTP_SINK_SETUP}", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postfix"]
-    steps = [
-        (["debconf-set-selections"], "postfix postfix/main_mailer_type select No configuration\n"),
-        (install, None),
-    ]
-    for command, stdin in steps:
-        done = subprocess.run(command, input=stdin, capture_output=True, text=True, env=env)
-        if done.returncode != 0 and command is install:
-            # A fresh machine may have no package lists yet.
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            print(f"  {command[0]} failed: {done.stderr.strip()[-500:]}", flush=True)
-            return None
-    return find_smtp_sink()
-
-
-class Receiver:
-    """The relay PowerEmail delivers to: smtp-sink (which counts) or bench/bare_smtp.py (which does not)."""
-
-    def __init__(self, kind: str, work: Path) -> None:
-        self.kind = kind
-        self.port = free_port()
-        self.log = work / f"receiver-{kind}.log"
-        if kind == "smtp-sink":
-            sink = find_smtp_sink()
-            assert sink is not None
-            # -c: running counters on stdout ("sess=N quit=N mesg=N", one per event, ending in CR);
-            # -u: the user to drop to, required when started as root; 1000: the listen backlog.
-            user = ["-u", "nobody"] if os.geteuid() == 0 else []
-            self.command = [sink, "-c", *user, f"127.0.0.1:{self.port}", "1000"]
-            self.relay_login: list[str] = []
-        else:
-            self.command = [sys.executable, str(BARE_SCRIPT), "--port", str(self.port)]
-            # bare_smtp.py requires AUTH; a login over plaintext is allowed toward a loopback relay.
-            self.relay_login = ["--relay-user", BARE_USER, "--relay-password", BARE_PASSWORD]
-        self.pid = 0
-
-    def count(self) -> int | None:
-        """Messages received so far (smtp-sink's last ``mesg=`` counter); None for bare_smtp.py."""
-        if self.kind != "smtp-sink":
-            return None
-        with self.log.open("rb") as log:
-            log.seek(max(0, log.seek(0, os.SEEK_END) - 200))
-            counters = re.findall(rb"mesg=(\d+)", log.read())
-        return int(counters[-1]) if counters else 0
-
-    def describe(self) -> str:
-        if self.kind == "smtp-sink":
-            flags = " ".join(self.command[1:]).replace(str(self.port), "PORT")
-            return f"Postfix's `smtp-sink {flags}` ({postfix_version()})"
-        return "bench/bare_smtp.py (smtp-sink was not available: Python, no count of its own)"
-
-
-def postfix_version() -> str:
-    done = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "postfix"], capture_output=True, text=True)
-    return f"postfix {done.stdout.strip()}" if done.returncode == 0 else "postfix, version unknown"
 
 
 # --- reading the store ------------------------------------------------------------------------
@@ -1208,6 +1128,23 @@ def verdicts(rows: list[Row]) -> list[str]:
     return lines
 
 
+def summary_rows(rows: list[Row]) -> list[dict[str, Any]]:
+    """The figures bench/run.py puts in its one table (docs/benchmarks/delivery.json)."""
+    return [
+        {
+            "target": f"End to end, {store_label(r.store)}, {r.setting.label}: delivered during the fill",
+            "ours": round(r.delivered_in_fill, 1),
+            "baseline": round(r.accepted, 1),
+            "ratio": round(r.delivered_in_fill / r.accepted, 3) if r.accepted else 0.0,
+            "unit": "msg/s (baseline: accepted meanwhile)",
+            "goal": f">= {KEEP_UP_SHARE}x",
+            "met": r.keeps_up,
+        }
+        for r in rows
+        if r.setting.delivery is not None
+    ]
+
+
 def backlog_timeline(m: Measurement) -> str:
     """The backlog at each whole second of the fill, then the drain's samples."""
     whole = [
@@ -1513,18 +1450,16 @@ def main() -> int:
         outcome.problems.append(f"the source changed during the benchmark ({version} -> {version_after})")
     rows = summarize(outcome.measurements, args.database_url)
     drain_rows = summarize_drains(outcome.drains, args.database_url)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(render_report(args, rows, drain_rows, outcome, receiver, pg_version, version))
-    print(f"\n{table(rows)}\n\n{drain_table(drain_rows)}\n")
-    for line in [*verdicts(rows), *outcome.checks]:
-        print(line.replace("**", ""))
-    for store, summary in outcome.profiles.items():
-        print(f"\nprofile, {store_label(store)}:\n{summary}")
-    for problem in outcome.problems:
-        print(f"FAILURE: {problem}")
-    print(f"NOTE: {noise_note(outcome.measurements, outcome.drains)}".replace("**", ""))
-    print(f"\nwritten to {args.report}")
-    return 1 if outcome.problems else 0
+    return publish(
+        args.report,
+        report=render_report(args, rows, drain_rows, outcome, receiver, pg_version, version),
+        summary=summary_rows(rows),
+        tables=f"{table(rows)}\n\n{drain_table(drain_rows)}",
+        lines=[*verdicts(rows), *outcome.checks],
+        profiles=outcome.profiles,
+        problems=outcome.problems,
+        note=noise_note(outcome.measurements, outcome.drains),
+    )
 
 
 if __name__ == "__main__":

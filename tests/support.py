@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -29,10 +30,35 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+# Ports for the test servers come from below the kernel's ephemeral range, each handed out once per
+# process. A server restarted on its port (the crash tests restart one many times) could otherwise
+# find the port taken meanwhile by an outgoing connection the kernel gave it to, or a client
+# reconnecting to the dead port could be connected to itself (TCP simultaneous open).
+_LOWEST_PORT = 10_000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    choices = range(_LOWEST_PORT, max(_ephemeral_ports_start(), _LOWEST_PORT + 1000))
+    for _ in range(1000):
+        port = random.choice(choices)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # someone listens there
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {choices}")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -145,11 +171,17 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"poweremail serve exited early:\n{self.log_path.read_text()}")
+                raise RuntimeError(self._start_failure(f"exited early (exit code {self.process.returncode})"))
             if self._ready():
                 return self
             time.sleep(0.05)
-        raise RuntimeError(f"poweremail serve did not answer within {timeout}s:\n{self.log_path.read_text()}")
+        raise RuntimeError(self._start_failure(f"did not answer within {timeout}s"))
+
+    def _start_failure(self, what: str) -> str:
+        # The reason both first and last: a CI log may show only a part of a long message.
+        reason = f"poweremail serve (pid {self.process.pid if self.process else '?'}) {what}"
+        tail = "\n".join(self.log().splitlines()[-60:])
+        return f"{reason}; the last 60 lines of {self.log_path}:\n{tail}\n{reason}"
 
     def _ready(self) -> bool:
         if "api" in self.roles and not _answers_http(self.api_port):

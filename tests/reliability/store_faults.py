@@ -82,11 +82,11 @@ class PipedServerProcess(ServerProcess):
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self._copier.join(10)
-                raise RuntimeError(f"poweremail serve exited early:\n{self.log()}")
+                raise RuntimeError(self._start_failure(f"exited early (exit code {self.process.returncode})"))
             if self._ready():
                 return self
             time.sleep(0.05)
-        raise RuntimeError(f"poweremail serve did not answer within {timeout}s:\n{self.log()}")
+        raise RuntimeError(self._start_failure(f"did not answer within {timeout}s"))
 
     def _copy_output(self) -> None:
         assert self.process is not None and self.process.stdout is not None

@@ -282,7 +282,13 @@ class SubmissionHandler:
             recipients=envelope.rcpt_tos,
             now=now,
         )
-        data = stamp(envelope.original_content, received=received, hostname=self._hostname, queue_id=queue_id)
+        data = stamp(
+            envelope.original_content,
+            received=received,
+            hostname=self._hostname,
+            queue_id=queue_id,
+            crlf_only=server.data_crlf_only,
+        )
         # aiosmtpd keeps the null sender as "<>" (an empty value would mean "no MAIL yet").
         mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
         request = messages.QueueRequest(

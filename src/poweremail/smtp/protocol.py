@@ -25,6 +25,7 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import MISSING, SMTP, Session, _Missing, syntax
 
 from poweremail.smtp import replies
+from poweremail.smtp.message import LineEndings
 
 logger = logging.getLogger("poweremail.smtp")
 
@@ -78,6 +79,8 @@ class SubmissionSMTP(SMTP):
         self._closing: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
         self._in_data = False
         self._since_crlf = 0  # octets received in DATA since the last CRLF
+        # For the handler at the end of DATA: the message has no lone CR or LF (nothing to normalize).
+        self.data_crlf_only = False
         super().__init__(handler, **kwargs)
 
     def _create_session(self) -> SubmissionSession:
@@ -252,16 +255,17 @@ class SubmissionSMTP(SMTP):
             await self.push(received)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
-        self.envelope.content = self.envelope.original_content = received
+        self.envelope.content = self.envelope.original_content = received.content
+        self.data_crlf_only = received.crlf_only
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 
-    async def _receive_data(self) -> bytes | str | None:
+    async def _receive_data(self) -> _Data | str | None:
         """The message (unstuffed), or the reply refusing it, or None if the client left."""
         pieces: list[bytes] = []
         refusal: str | None = None  # once set, the data is read to its end and nothing is kept
-        lines = _LineLengths(self.line_length_limit)
+        lines, endings = _LineLengths(self.line_length_limit), LineEndings()
         size, limit = 0, self.data_size_limit
         tail = b"\r\n"  # the last two octets read: the DATA command's line ended with CRLF
         while True:
@@ -275,25 +279,25 @@ class SubmissionSMTP(SMTP):
             except asyncio.IncompleteReadError:
                 return None
             if piece:
-                tail = (tail + piece[-2:])[-2:]
                 size += len(piece)
                 if refusal is None and not lines.fit(piece):
                     refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
                 if refusal is None and limit and size > limit:
                     refusal = "552 Error: Too much mail data"
                 if refusal is None:
-                    pieces.append(piece)
+                    # Per piece, not over the whole message at its end (a 25 MiB message's replace
+                    # held the event loop ~30 ms, every other session waiting).
+                    unstuffed = _unstuffed(piece, tail)
+                    endings.feed(unstuffed)
+                    pieces.append(unstuffed)
                 else:
                     pieces.clear()
+                tail = (tail + piece[-2:])[-2:]
             if ends:
                 break
         if refusal is not None:
             return refusal
-        data = b"".join(pieces)
-        # RFC 5321 4.5.2: a line starting with a dot loses that dot.
-        if data.startswith(b"."):
-            data = data[1:]
-        return data.replace(b"\r\n.", b"\r\n")
+        return _Data(b"".join(pieces), endings.crlf_only)
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -336,6 +340,22 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOMAIN = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 _PARAMETERS = r"[\x21-\x27\x29-\x7e][\x21-\x7e ]*"  # printable ASCII, not starting with "("
 _SIMPLE_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_DOMAIN})>(?: +({_PARAMETERS})| *)")
+
+
+@dataclass(frozen=True)
+class _Data:
+    content: bytes  # unstuffed
+    crlf_only: bool  # no lone CR or LF in it: nothing for normalize_line_endings to do
+
+
+def _unstuffed(piece: bytes, before: bytes) -> bytes:
+    """RFC 5321 4.5.2: a line starting with a dot loses that dot. ``before``: the two octets read
+    before ``piece`` (CRLF when ``piece`` starts the data), for a CRLF "." split between pieces."""
+    if before == b"\r\n" and piece.startswith(b"."):
+        piece = piece[1:]
+    elif before.endswith(b"\r") and piece.startswith(b"\n."):
+        piece = b"\n" + piece[2:]
+    return piece.replace(b"\r\n.", b"\r\n")  # the same bytes object when there is no dot to remove
 
 
 class _LineLengths:

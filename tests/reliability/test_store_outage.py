@@ -280,10 +280,10 @@ class _FlakyStore(Database):
         self.away_until = time.monotonic() + STORE_AWAY
         self._lost_answer = lose_answer
 
-    async def _run(self, work: Work[T], *, writes: bool) -> T:
+    async def _run(self, work: Work[T], *, writes: bool, alone: bool = False) -> T:
         if time.monotonic() < self.away_until:
             raise OSError("connection refused: the store is away")
-        result = await super()._run(work, writes=writes)
+        result = await super()._run(work, writes=writes, alone=alone)
         if result is self._lost_answer:
             self._lost_answer = _NOTHING
             raise OSError("connection lost before COMMIT was answered")

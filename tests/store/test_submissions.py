@@ -5,6 +5,7 @@ others down with it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -15,8 +16,9 @@ from sqlalchemy import Connection
 from poweremail.domain.limits import Limits, Usage
 from poweremail.store import messages
 from poweremail.store.database import Database
-from poweremail.store.schema import smtp_users
-from poweremail.store.submissions import SenderStates, SubmissionWriter
+from poweremail.store.schema import message_contents, smtp_users
+from poweremail.store.schema import messages as messages_table
+from poweremail.store.submissions import LARGE_MESSAGE, SenderStates, SubmissionWriter
 from tests.store.test_time import _migrate
 from tests.store.test_usage import _user
 from tests.support import run, store_read, store_write
@@ -25,11 +27,17 @@ from tests.support import run, store_read, store_write
 class CountingDatabase(Database):
     """The real store, counting the write transactions it is given."""
 
-    writes = 0
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.writes = 0
+        self.alone: list[int] = []  # for each write alone: how many messages it wrote
 
-    async def write(self, work: Any) -> Any:
+    async def write(self, work: Any, *, alone: bool = False) -> Any:
         self.writes += 1
-        return await super().write(work)
+        result = await super().write(work, alone=alone)
+        if alone:
+            self.alone.append(len(result.outcomes))
+        return result
 
 
 def _request(user_id: int, queue_id: str, *, recipients: int = 1) -> messages.QueueRequest:
@@ -41,9 +49,9 @@ def _request(user_id: int, queue_id: str, *, recipients: int = 1) -> messages.Qu
 
 
 async def _queue_all(
-    url: str, requests: list[messages.QueueRequest]
+    url: str, requests: list[messages.QueueRequest], database: CountingDatabase | None = None
 ) -> tuple[list[object], int, SenderStates]:
-    database = CountingDatabase(url)
+    database = database or CountingDatabase(url)
     senders = SenderStates()
     writer = SubmissionWriter(database, senders)
     try:
@@ -77,6 +85,33 @@ def test_messages_finishing_together_share_a_transaction(database_url: str) -> N
     # The batch left the sender's state as it stands now, for the next MAIL.
     state = senders.fresh(user_id)
     assert state is not None and state.usage == Usage(30, 30) and state.limits == Limits(1000, 30)
+
+
+def test_a_large_message_is_written_alone_beside_the_batches(database_url: str) -> None:
+    """A message of LARGE_MESSAGE octets or more gets a write transaction of its own (on SQLite not
+    batched with any other): the small messages finishing with it do not wait for its COMMIT."""
+    run(_migrate(database_url))
+    user_id = store_write(database_url, lambda conn: _user(conn, hourly_limit=100))
+    body = (b"x" * 998 + b"\r\n") * (LARGE_MESSAGE // 1000 + 1)
+    large = dataclasses.replace(_request(user_id, "QL0"), data=b"Subject: large\r\n\r\n" + body)
+    requests = [_request(user_id, f"QS{i}") for i in range(10)]
+    requests.insert(5, large)
+    database = CountingDatabase(database_url)
+
+    outcomes, writes, _ = run(_queue_all(database_url, requests, database))
+
+    assert outcomes == [messages.Queued(r.queue_id) for r in requests]
+    assert database.alone == [1] and writes < 6, (database.alone, writes)
+    assert _sent_total(database_url, user_id) == 11
+    stored = store_read(
+        database_url,
+        lambda conn: conn.execute(
+            sa.select(message_contents.c.data)
+            .join(messages_table, messages_table.c.id == message_contents.c.message_id)
+            .where(messages_table.c.queue_id == "QL0")
+        ).scalar_one(),
+    )
+    assert stored == large.data
 
 
 def test_one_bad_message_does_not_refuse_the_others(database_url: str) -> None:

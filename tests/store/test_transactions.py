@@ -5,7 +5,9 @@ own result or exception, and a write is visible to every read that starts after 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -97,3 +99,40 @@ def test_an_error_in_a_read_reaches_its_caller(database_url: str) -> None:
         sa.exc.OperationalError if database_url.startswith("sqlite") else sa.exc.ProgrammingError
     ):
         run(_read_error(database_url))
+
+
+def test_a_write_alone_is_never_batched_with_others(tmp_path: Path) -> None:
+    """SQLite batches concurrent writes into one transaction; one written ``alone`` (a large message)
+    gets a transaction of its own, and the writes queued before it are committed without waiting
+    for it. (On PostgreSQL every write is its own transaction.)"""
+    database = Database(f"sqlite:///{tmp_path / 'alone.sqlite3'}")
+    commits = [0]
+    assert database._sync_engine is not None
+    sa.event.listen(database._sync_engine, "commit", lambda _conn: commits.__setitem__(0, commits[0] + 1))
+    gate = threading.Event()
+    seen: dict[str, int] = {}
+
+    def job(name: str) -> Callable[[Connection], None]:
+        def work(conn: Connection) -> None:
+            if name == "first":
+                gate.wait(10)  # holds the writer while the others queue up behind it
+            seen[name] = commits[0]
+
+        return work
+
+    async def main() -> None:
+        try:
+            first = asyncio.create_task(database.write(job("first")))
+            await asyncio.sleep(0.05)
+            others = [
+                asyncio.create_task(database.write(job(name), alone=name == "large"))
+                for name in ("a", "b", "large", "c", "d")
+            ]
+            await asyncio.sleep(0.05)
+            gate.set()
+            await asyncio.gather(first, *others)
+        finally:
+            await database.close()
+
+    run(main())
+    assert seen["a"] == seen["b"] < seen["large"] < seen["c"] == seen["d"], seen

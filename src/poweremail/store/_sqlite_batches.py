@@ -34,6 +34,7 @@ class _Job:
     work: Callable[[Connection], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    alone: bool = False  # in a transaction of its own, never batched with others
 
 
 @dataclass
@@ -76,10 +77,10 @@ class BatchingWorkers:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, work: Callable[[Connection], Any]) -> asyncio.Future[Any]:
+    def submit(self, work: Callable[[Connection], Any], *, alone: bool = False) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Job(work, future, loop))
+        self._queue.put(_Job(work, future, loop, alone))
         return future
 
     def close(self) -> None:
@@ -91,14 +92,16 @@ class BatchingWorkers:
             self._write_lock.close()
 
     def _serve(self) -> None:
+        held: _Job | None = None  # a job to run alone, met while a batch was being gathered: next
         while True:
-            first = self._queue.get()
+            first = held or self._queue.get()
+            held = None
             if first is _STOP:
                 return
             assert isinstance(first, _Job)
             batch = [first]
             stop = False
-            while len(batch) < MAX_BATCH:
+            while len(batch) < MAX_BATCH and not first.alone:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -107,6 +110,9 @@ class BatchingWorkers:
                     stop = True
                     break
                 assert isinstance(item, _Job)
+                if item.alone:
+                    held = item
+                    break
                 batch.append(item)
             try:
                 outcomes = self._run_writes(batch) if self._writes else self._run_reads(batch)

@@ -126,16 +126,19 @@ class Database:
     async def read(self, work: Work[T]) -> T:
         return await self._run(work, writes=False)
 
-    async def write(self, work: Work[T]) -> T:
-        return await self._run(work, writes=True)
+    async def write(self, work: Work[T], *, alone: bool = False) -> T:
+        """``work`` in a write transaction. SQLite batches concurrent writes into one transaction
+        (group commit); ``alone`` keeps this one out of any batch, so that the others do not wait
+        for it (a large message's insert and fsync). On PostgreSQL every write is alone."""
+        return await self._run(work, writes=True, alone=alone)
 
-    async def _run(self, work: Work[T], *, writes: bool) -> T:
+    async def _run(self, work: Work[T], *, writes: bool, alone: bool = False) -> T:
         if self._async_engine is not None:
             async with self._async_engine.connect() as conn, conn.begin():
                 return await conn.run_sync(work)
         workers = self._writer if writes else self._readers
         assert workers is not None
-        result: T = await workers.submit(work)
+        result: T = await workers.submit(work, alone=alone)
         return result
 
     def _run_alone(self, work: Work[T]) -> T:

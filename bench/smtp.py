@@ -573,7 +573,7 @@ def profile_run(target: Target, args: argparse.Namespace, store: str, work: Path
     """
     seconds = max(2, int(args.profile_seconds))
     raw = work / f"profile-{secrets.token_hex(4)}.txt"
-    command = ["py-spy", "record", "--pid", str(target.pid), "--duration", str(seconds), "--rate", "100",
+    command = [py_spy(), "record", "--pid", str(target.pid), "--duration", str(seconds), "--rate", "100",
                "--gil", "--nonblocking", "--format", "raw", "--output", str(raw)]  # fmt: skip
     spy: list[subprocess.Popen[bytes]] = []
     threads_before: dict[int, tuple[float, float]] = {}
@@ -1009,6 +1009,12 @@ def quiet_text(args: argparse.Namespace) -> str:
     return f", up to {args.quiet_wait:g} s wait before each measurement for other processes to go idle"
 
 
+def py_spy() -> str:
+    """py-spy of this Python's environment (the bench extra installs it there), else one on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else "py-spy"
+
+
 def py_spy_version() -> str:
     try:
         return importlib.metadata.version("py-spy")
@@ -1095,7 +1101,7 @@ def parse_args() -> argparse.Namespace:
         parser.error("--workers must be from 1 to 64")
     if args.client_processes > args.sessions:
         parser.error("--client-processes cannot exceed --sessions")
-    if args.profile and shutil.which("py-spy") is None:
+    if args.profile and shutil.which(py_spy()) is None:
         parser.error("--profile needs py-spy: pip install py-spy")
     return args
 

@@ -151,31 +151,39 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.api_port}"
 
     def start(self, timeout: float = 30) -> ServerProcess:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "poweremail", "serve",
-                "--data-dir", str(self.data_dir),
-                "--database-url", self.database_url,
-                "--api-port", str(self.api_port),
-                "--smtp-port", str(self.smtp_port),
-                "--smtps-port", str(self.smtps_port),
-                "--roles", self.roles,
-                *self.extra_args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=clean_env(),
-        )  # fmt: skip
-        log.close()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self._command(), stdout=log, stderr=subprocess.STDOUT, env=clean_env()
+            )
+        self._wait_until_ready(timeout)
+        return self
+
+    def _command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "poweremail", "serve",
+            "--data-dir", str(self.data_dir),
+            "--database-url", self.database_url,
+            "--api-port", str(self.api_port),
+            "--smtp-port", str(self.smtp_port),
+            "--smtps-port", str(self.smtps_port),
+            "--roles", self.roles,
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def _wait_until_ready(self, timeout: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self._output_done()
                 raise RuntimeError(self._start_failure(f"exited early (exit code {self.process.returncode})"))
             if self._ready():
-                return self
+                return
             time.sleep(0.05)
         raise RuntimeError(self._start_failure(f"did not answer within {timeout}s"))
+
+    def _output_done(self) -> None:
+        """The process has exited: wait until all its output is in the log (it writes there itself)."""
 
     def _start_failure(self, what: str) -> str:
         # The reason both first and last: a CI log may show only a part of a long message.

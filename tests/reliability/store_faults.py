@@ -33,9 +33,7 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
-import sys
 import threading
-import time
 
 from sqlalchemy import make_url
 
@@ -62,31 +60,15 @@ class PipedServerProcess(ServerProcess):
 
     def start(self, timeout: float = 30) -> PipedServerProcess:
         self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "poweremail", "serve",
-                "--data-dir", str(self.data_dir),
-                "--database-url", self.database_url,
-                "--api-port", str(self.api_port),
-                "--smtp-port", str(self.smtp_port),
-                "--smtps-port", str(self.smtps_port),
-                "--roles", self.roles,
-                *self.extra_args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=clean_env(),
-        )  # fmt: skip
+            self._command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=clean_env()
+        )
         self._copier = threading.Thread(target=self._copy_output, name="node-log", daemon=True)
         self._copier.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._copier.join(10)
-                raise RuntimeError(self._start_failure(f"exited early (exit code {self.process.returncode})"))
-            if self._ready():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(self._start_failure(f"did not answer within {timeout}s"))
+        self._wait_until_ready(timeout)
+        return self
+
+    def _output_done(self) -> None:
+        self._join_copier()
 
     def _copy_output(self) -> None:
         assert self.process is not None and self.process.stdout is not None

@@ -12,6 +12,7 @@ Each message still gets its own outcome, and only once the COMMIT that made it d
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -109,16 +110,15 @@ class SubmissionWriter:
             self._write, max_batch=max_batch, name="queue-writer"
         )
         self._large: Batches[QueueRequest, QueueOutcome] = Batches(
-            self._write, max_batch=1, name="queue-writer-large"
+            functools.partial(self._write, alone=True), max_batch=1, name="queue-writer-large"
         )
 
     async def queue(self, request: QueueRequest) -> QueueOutcome:
         lane = self._large if len(request.data) >= LARGE_MESSAGE else self._batches
         return await lane.submit(request)
 
-    async def _write(self, batch: Batch[QueueRequest, QueueOutcome]) -> None:
+    async def _write(self, batch: Batch[QueueRequest, QueueOutcome], *, alone: bool = False) -> None:
         requests = [request for request, _ in batch]
-        alone = len(requests) == 1 and len(requests[0].data) >= LARGE_MESSAGE
         try:
             result = await self._database.write(lambda conn: _queue_or_report(conn, requests), alone=alone)
         except Exception as error:  # BEGIN or COMMIT failed: the store is away, or the outcome unknown

@@ -19,12 +19,20 @@ STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
     # The port is released before the server binds it; another process could take it in between,
     # but on a benchmark machine that is unlikely, and the server would then fail to start, loudly.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    # The kernel may give the same free port to two calls in a row: each is handed out once.
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def accepts(port: int) -> bool:

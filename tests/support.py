@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +21,7 @@ from sqlalchemy import Connection, make_url
 
 from poweremail.store import owners
 from poweremail.store.database import Database
+from poweremail.store.delivery_queue import load_messages
 
 T = TypeVar("T")
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -247,6 +248,12 @@ def store_write(database_url: str, work: Callable[[Connection], T]) -> T:
 
 def store_read(database_url: str, work: Callable[[Connection], T]) -> T:
     return run(_in_store(database_url, work, writes=False))
+
+
+def stored_bodies(conn: Connection, message_ids: Collection[int]) -> dict[int, bytes]:
+    """The bytes stored for each message, as delivery reads them (inline, or written ahead in parts);
+    a message without them is absent."""
+    return {message_id: loaded.data for message_id, loaded in load_messages(conn, message_ids).items()}
 
 
 def create_owner(database_url: str) -> Owner:

@@ -29,6 +29,7 @@ from poweremail.services import Services, open_services
 from poweremail.smtp.server import SubmissionServers, start_smtp_servers
 from poweremail.smtp.tls import certificate_paths, server_context
 from poweremail.store import delivery_queue
+from poweremail.store.submissions import sweep_unclaimed_parts
 
 logger = logging.getLogger("poweremail")
 
@@ -157,6 +158,8 @@ async def run_node(settings: Settings, *, sockets: dict[str, socket.socket] | No
                 describe(sockets["submission"]),
                 describe(sockets["smtps"]),
             )
+            sweep = sweep_unclaimed_parts(services.database, stop)
+            tasks.append(asyncio.create_task(sweep, name="unclaimed-parts"))
         if "delivery" in settings.roles:
             worker = DeliveryWorker(services)
             tasks.append(asyncio.create_task(worker.run(stop), name="delivery"))

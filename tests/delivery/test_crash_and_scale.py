@@ -28,10 +28,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from poweremail.store.schema import message_contents, messages, recipients
+from poweremail.store.schema import messages, recipients
 from tests.delivery.receiver import ReceivedMessage, Receiver
 from tests.smtp.helpers import SmtpUser, add_smtp_user, logged_in, queue_id_of, usage
-from tests.support import ServerProcess, create_owner, store_read
+from tests.support import ServerProcess, create_owner, store_read, stored_bodies
 
 SENDER = "app@sender.test"
 # What the server puts on top of what it was given (smtp/message.py ``stamp``): its Received header;
@@ -164,12 +164,9 @@ def _states(database_url: str) -> Counter[str]:
 
 def _stored_data(database_url: str) -> dict[str, bytes]:
     def read(conn: Connection) -> dict[str, bytes]:
-        rows = conn.execute(
-            sa.select(messages.c.queue_id, message_contents.c.data).join(
-                message_contents, message_contents.c.message_id == messages.c.id
-            )
-        )
-        return {row.queue_id: row.data for row in rows}
+        rows = conn.execute(sa.select(messages.c.id, messages.c.queue_id)).all()
+        bodies = stored_bodies(conn, [row.id for row in rows])
+        return {row.queue_id: bodies[row.id] for row in rows}
 
     return store_read(database_url, read)
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from poweremail.store.schema import message_contents, messages, recipients
+from poweremail.store.schema import messages, recipients
 from tests.delivery.receiver import ReceivedMessage, Receiver
 from tests.delivery.test_crash_and_scale import (
     _RECEIVED,
@@ -58,7 +58,7 @@ from tests.delivery.test_crash_and_scale import (
     _wait,
 )
 from tests.smtp.helpers import SmtpUser, add_smtp_user, logged_in, queue_id_of, usage
-from tests.support import ServerProcess, create_owner, store_read
+from tests.support import ServerProcess, create_owner, store_read, stored_bodies
 
 MODES = ("random", "mid-data", "after-250", "mid-delivery", "remote-250")
 NODE = "crash-matrix"
@@ -275,15 +275,14 @@ class _Stored:
 def _stored(database_url: str) -> list[_Stored]:
     def read(conn: Connection) -> list[_Stored]:
         rows = conn.execute(
-            sa.select(messages.c.id, messages.c.queue_id, message_contents.c.data)
-            .join(message_contents, message_contents.c.message_id == messages.c.id)
-            .where(messages.c.bounce_of.is_(None))
+            sa.select(messages.c.id, messages.c.queue_id).where(messages.c.bounce_of.is_(None))
         ).all()
+        bodies = stored_bodies(conn, [row.id for row in rows])
         by_id: dict[int, dict[str, str]] = {row.id: {} for row in rows}
         for r in conn.execute(sa.select(recipients.c.message_id, recipients.c.address, recipients.c.state)):
             if r.message_id in by_id:
                 by_id[r.message_id][r.address] = r.state
-        return [_Stored(row.queue_id, row.data, by_id[row.id]) for row in rows]
+        return [_Stored(row.queue_id, bodies[row.id], by_id[row.id]) for row in rows]
 
     return store_read(database_url, read)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from poweremail.store.schema import message_contents, messages, recipients
-from tests.support import Owner, ServerProcess, store_read
+from poweremail.store.schema import messages, recipients
+from tests.support import Owner, ServerProcess, store_read, stored_bodies
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,14 @@ def stored_message(server: ServerProcess, queue_id: str) -> StoredMessage | None
 
     def read(conn: Connection) -> StoredMessage | None:
         row = conn.execute(
-            sa.select(messages.c.id, messages.c.mail_from, message_contents.c.data)
-            .join(message_contents, message_contents.c.message_id == messages.c.id)
-            .where(messages.c.queue_id == queue_id)
+            sa.select(messages.c.id, messages.c.mail_from).where(messages.c.queue_id == queue_id)
         ).first()
         if row is None:
             return None
         addresses = conn.scalars(
             sa.select(recipients.c.address).where(recipients.c.message_id == row.id).order_by(recipients.c.id)
         ).all()
-        return StoredMessage(row.mail_from, list(addresses), row.data)
+        return StoredMessage(row.mail_from, list(addresses), stored_bodies(conn, [row.id])[row.id])
 
     return store_read(server.database_url, read)
 

@@ -40,9 +40,9 @@ from sqlalchemy import Connection
 
 from poweremail.smtp import replies
 from poweremail.smtp.server import COMMAND_LIMITS
-from poweremail.store.schema import message_contents, messages, recipients, smtp_users
+from poweremail.store.schema import messages, recipients, smtp_users
 from tests.smtp.helpers import SmtpUser
-from tests.support import store_read
+from tests.support import store_read, stored_bodies
 
 # aiosmtpd 1.4's fixed limits, as a client meets them.
 LINE_LIMIT = 1001  # StreamReader limit: a longer line (before its CRLF) is "too long"
@@ -875,11 +875,11 @@ def stored_for(database_url: str, user_name: str) -> tuple[list[Stored], int]:
             sa.select(smtp_users.c.id, smtp_users.c.sent_total).where(smtp_users.c.name == user_name)
         ).one()
         rows = conn.execute(
-            sa.select(messages.c.id, messages.c.queue_id, messages.c.mail_from, message_contents.c.data)
-            .join(message_contents, message_contents.c.message_id == messages.c.id)
+            sa.select(messages.c.id, messages.c.queue_id, messages.c.mail_from)
             .where(messages.c.smtp_user_id == user.id)
             .order_by(messages.c.id)
         ).all()
+        bodies = stored_bodies(conn, [row.id for row in rows])
         found = []
         for row in rows:
             addresses = conn.scalars(
@@ -887,7 +887,7 @@ def stored_for(database_url: str, user_name: str) -> tuple[list[Stored], int]:
                 .where(recipients.c.message_id == row.id)
                 .order_by(recipients.c.id)
             ).all()
-            found.append(Stored(row.queue_id, row.mail_from, list(addresses), row.data))
+            found.append(Stored(row.queue_id, row.mail_from, list(addresses), bodies[row.id]))
         return found, int(user.sent_total)
 
     return store_read(database_url, read)

@@ -16,9 +16,9 @@ from typing import Literal
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from poweremail.store.schema import message_contents, messages, recipients, smtp_users
+from poweremail.store.schema import messages, recipients, smtp_users
 from tests.smtp.helpers import SmtpUser
-from tests.support import store_read
+from tests.support import store_read, stored_bodies
 
 QUEUED_PREFIX = "250 2.0.0 Ok: queued as "
 
@@ -32,17 +32,21 @@ class Letter:
 
     recipients: tuple[str, ...]
     marker: str
+    filler: int = 0  # lines of 78 octets after the body's first line
 
     @classmethod
-    def to(cls, count: int) -> Letter:
+    def to(cls, count: int, *, filler: int = 0) -> Letter:
         marker = uuid.uuid4().hex
-        return cls(tuple(f"rcpt{i}.{marker[:12]}@example.com" for i in range(count)), marker)
+        return cls(tuple(f"rcpt{i}.{marker[:12]}@example.com" for i in range(count)), marker, filler)
+
+    def body(self) -> bytes:
+        return f"Body of {self.marker}\r\n".encode() + b"".join(
+            b"%076d\r\n" % line for line in range(self.filler)
+        )
 
     def content(self) -> bytes:
-        return (
-            f"From: sender@example.com\r\nTo: {', '.join(self.recipients)}\r\nSubject: {self.marker}\r\n"
-            f"\r\nBody of {self.marker}\r\n"
-        ).encode()
+        head = f"From: sender@example.com\r\nTo: {', '.join(self.recipients)}\r\nSubject: {self.marker}\r\n"
+        return head.encode() + b"\r\n" + self.body()
 
 
 @dataclass(frozen=True)
@@ -129,15 +133,11 @@ def _queued_messages(conn: Connection, smtp_user_name: str) -> dict[str, QueuedM
             messages.c.queue_id,
             messages.c.recipient_count,
             messages.c.accepted_at,
-            message_contents.c.data,
         )
-        .select_from(
-            messages.join(smtp_users, smtp_users.c.id == messages.c.smtp_user_id).outerjoin(
-                message_contents, message_contents.c.message_id == messages.c.id
-            )
-        )
+        .select_from(messages.join(smtp_users, smtp_users.c.id == messages.c.smtp_user_id))
         .where(smtp_users.c.name == smtp_user_name)
     ).all()
+    bodies = stored_bodies(conn, [row.id for row in rows])
     addresses: dict[int, list[str]] = {row.id: [] for row in rows}
     if addresses:
         for message_id, address in conn.execute(
@@ -148,7 +148,7 @@ def _queued_messages(conn: Connection, smtp_user_name: str) -> dict[str, QueuedM
             addresses[message_id].append(address)
     return {
         row.queue_id: QueuedMessage(
-            row.queue_id, row.recipient_count, tuple(addresses[row.id]), row.data, row.accepted_at
+            row.queue_id, row.recipient_count, tuple(addresses[row.id]), bodies.get(row.id), row.accepted_at
         )
         for row in rows
     }

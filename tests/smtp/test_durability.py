@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy import Connection
 
 from poweremail.smtp import replies
+from poweremail.store.message_parts import PART_SIZES, write_part
+from poweremail.store.schema import message_parts
+from poweremail.store.submissions import UNCLAIMED_PARTS_AGE
 from tests.smtp.helpers import SmtpUser, add_smtp_user, usage
 from tests.smtp.letters import (
     Letter,
@@ -26,7 +33,7 @@ from tests.smtp.letters import (
     submit,
     transact,
 )
-from tests.support import ServerProcess, create_owner
+from tests.support import ServerProcess, create_owner, store_read, store_write
 
 SENDERS = 6  # sessions sending at once when the process dies
 ACKNOWLEDGED_BEFORE_KILL = 30
@@ -143,6 +150,49 @@ def test_sequential_messages_survive_sigkill_right_after_the_last_250(node: Node
     assert sorted(queued) == sorted(str(o.queue_id) for o in outcomes)
     assert_queued_as_acknowledged(queued, outcomes)
     assert usage(server, owner, user) == (1 + 2 + 3 + 1 + 2, 1 + 2 + 3 + 1 + 2)
+
+
+def _parts_by_message(database_url: str) -> dict[str, int]:
+    def read(conn: Connection) -> dict[str, int]:
+        rows = conn.execute(
+            sa.select(message_parts.c.queue_id, sa.func.count()).group_by(message_parts.c.queue_id)
+        )
+        return {queue_id: count for queue_id, count in rows}
+
+    return store_read(database_url, read)
+
+
+def test_a_large_message_survives_sigkill_and_a_dead_upload_is_swept_at_start(
+    node: Node, database_url: str
+) -> None:
+    """A message large enough to be written ahead in parts is as durable as any once it has its
+    250; parts a dead node left without a message are deleted when a node starts."""
+    owner = create_owner(database_url)
+    user = add_smtp_user(node.process, owner)
+    letter = Letter.to(2, filler=3 * 1024 * 1024 // 78)
+    outcome = submit(node.process.smtp_port, user, letter)
+    assert outcome.queue_id is not None, outcome.reply
+    node.process.kill()
+    # What a node killed between the parts and the transaction queueing their message leaves.
+    long_ago = datetime.now(UTC) - UNCLAIMED_PARTS_AGE - timedelta(minutes=1)
+    store_write(
+        database_url,
+        lambda conn: write_part(conn, queue_id="QDEADUPLOAD", seq=0, data=b"x" * 1000, now=long_ago),
+    )
+    parts = _parts_by_message(database_url)
+    assert parts.pop("QDEADUPLOAD") == 1 and list(parts) == [outcome.queue_id], parts
+
+    server = node.restart("kill")
+    queued = queued_messages(database_url, user)
+    assert_queued_as_acknowledged(queued, [outcome])
+    stored = queued[outcome.queue_id].data
+    assert stored is not None and stored.endswith(b"\r\n\r\n" + letter.body()), len(stored or b"")
+    part_size = PART_SIZES["sqlite" if database_url.startswith("sqlite") else "postgresql"]
+    assert parts[outcome.queue_id] == -(-len(stored) // part_size)
+    deadline = time.monotonic() + 10
+    while _parts_by_message(database_url) != parts:
+        assert time.monotonic() < deadline, (_parts_by_message(database_url), server.log())
+        time.sleep(0.05)
 
 
 def _fill(server: ServerProcess, user: SmtpUser, counts: list[int]) -> list[Outcome]:

@@ -129,7 +129,7 @@ class Database:
     async def write(self, work: Work[T], *, alone: bool = False) -> T:
         """``work`` in a write transaction. SQLite batches concurrent writes into one transaction
         (group commit); ``alone`` keeps this one out of any batch, so that the others do not wait
-        for it (a large message's insert and fsync). On PostgreSQL every write is alone."""
+        for it (the parts of a large message, store/message_parts.py). On PostgreSQL every write is alone."""
         return await self._run(work, writes=True, alone=alone)
 
     async def _run(self, work: Work[T], *, writes: bool, alone: bool = False) -> T:

@@ -10,6 +10,7 @@ until ``locked_until`` (SPEC §5: "its claim expires within about a minute").
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +20,10 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from poweremail.domain.addresses import address_domain
+from poweremail.store import message_parts
 from poweremail.store.schema import message_contents, messages, recipients
+
+logger = logging.getLogger("poweremail.store")
 
 FinalState = Literal["deferred", "delivered", "bounced"]
 
@@ -104,6 +108,7 @@ _MESSAGES = (
         messages.c.accepted_at,
         messages.c.bounce_of,
         message_contents.c.data,
+        message_contents.c.parts,
     )
     .join(message_contents, message_contents.c.message_id == messages.c.id)
     .where(messages.c.id.in_(sa.bindparam("ids", expanding=True)))
@@ -162,17 +167,28 @@ def claim_due(
 
 def load_messages(conn: Connection, message_ids: Collection[int]) -> dict[int, QueuedMessage]:
     rows = conn.execute(_MESSAGES, {"ids": list(message_ids)}).all()
-    return {
-        row.id: QueuedMessage(
+    written_ahead = {row.queue_id: row.parts for row in rows if row.parts is not None}
+    parts = message_parts.read_parts(conn, written_ahead) if written_ahead else {}
+    loaded: dict[int, QueuedMessage] = {}
+    for row in rows:
+        data = row.data
+        if row.parts is not None:
+            found = parts.get(row.queue_id, [])
+            if len(found) != row.parts:
+                # Only if someone deleted rows by hand: the message cannot be sent whole, and is
+                # left out (its delivery fails as for a message not in the store), not cut short.
+                logger.error("message %s: %d parts queued, %d stored", row.queue_id, row.parts, len(found))
+                continue
+            data = b"".join(found)
+        loaded[row.id] = QueuedMessage(
             id=row.id,
             queue_id=row.queue_id,
             mail_from=row.mail_from,
             accepted_at=row.accepted_at,
             is_bounce=row.bounce_of is not None,
-            data=row.data,
+            data=data,
         )
-        for row in rows
-    }
+    return loaded
 
 
 def record_outcomes(

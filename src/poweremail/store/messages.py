@@ -130,6 +130,15 @@ def sender_state(
 
 
 @dataclass(frozen=True)
+class WrittenAhead:
+    """A message whose bytes are already stored as ``parts`` rows of ``message_parts`` under its
+    queue id (store/message_parts.py)."""
+
+    parts: int
+    size: int
+
+
+@dataclass(frozen=True)
 class QueueRequest:
     """One message to queue, as the submission server hands it over at the end of DATA."""
 
@@ -138,8 +147,12 @@ class QueueRequest:
     queue_id: str
     mail_from: str
     rcpt_tos: Sequence[str]
-    data: bytes
+    data: bytes | WrittenAhead
     now: datetime
+
+    @property
+    def size(self) -> int:
+        return self.data.size if isinstance(self.data, WrittenAhead) else len(self.data)
 
 
 def queue_message(
@@ -237,7 +250,7 @@ def _write_accepted(
                 "smtp_user_id": user_id,
                 "mail_from": request.mail_from,
                 "recipient_count": len(request.rcpt_tos),
-                "size_bytes": len(request.data),
+                "size_bytes": request.size,
                 "accepted_at": accepted_at,
                 "sent_total_after": sent_total_after,
             }
@@ -246,7 +259,7 @@ def _write_accepted(
     conn.execute(
         _INSERT_CONTENT,
         [
-            {"message_id": message_id, "data": request.data}
+            _content_row(message_id, request.data)
             for message_id, (request, _) in zip(message_ids, accepted, strict=True)
         ],
     )
@@ -273,3 +286,9 @@ def _write_accepted(
             for user_id, (sent_total, accepted_at) in totals.items()
         ],
     )
+
+
+def _content_row(message_id: int, data: bytes | WrittenAhead) -> dict[str, object]:
+    if isinstance(data, WrittenAhead):
+        return {"message_id": message_id, "data": b"", "parts": data.parts}
+    return {"message_id": message_id, "data": data, "parts": None}

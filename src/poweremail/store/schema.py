@@ -121,6 +121,21 @@ message_contents = sa.Table(
     metadata,
     sa.Column("message_id", sa.Integer, sa.ForeignKey("messages.id"), primary_key=True),
     # The message as stored: CRLF line endings, our Received header (and Message-ID if it had none).
+    # Empty when the message was written ahead in `message_parts` (then `parts` says in how many).
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("parts", sa.Integer, nullable=True),
+)
+
+# A large message's bytes, written ahead in pieces of their own transactions before the one that
+# queues it (store/message_parts.py): one commit of 25 MiB held every other writer for its length.
+# Found by the queue id the message will have; pieces no message names are swept after a while.
+message_parts = sa.Table(
+    "message_parts",
+    metadata,
+    sa.Column("queue_id", sa.String(32), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    # Before `data`: SQLite reads a column after a large blob only by following its overflow pages.
+    sa.Column("created_at", UtcDateTime(), nullable=False, index=True),
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
 

@@ -15,23 +15,37 @@ import asyncio
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection
 
 from poweremail.batches import Batch, Batches, settle_with_error
+from poweremail.store import message_parts
 from poweremail.store.database import Database
-from poweremail.store.messages import QueuedBatch, QueueOutcome, QueueRequest, SenderState, queue_messages
+from poweremail.store.messages import (
+    Queued,
+    QueuedBatch,
+    QueueOutcome,
+    QueueRequest,
+    SenderState,
+    WrittenAhead,
+    queue_messages,
+)
 
 logger = logging.getLogger("poweremail.store")
 
 # Every session waiting at its final dot fits in one batch on a busy node.
 MAX_BATCH = 64
-# A message this large is written in a transaction of its own, one at a time, beside the batches of
-# the others. Measured: a 25 MiB message's insert and COMMIT took 120-280 ms on SQLite, and every
-# small message of its batch waited that long for its 250 (on PostgreSQL its own transaction runs
-# on another connection, at the same time as theirs).
+# A message this large is written ahead in parts, each in a write transaction of its own
+# (store/message_parts.py); the batch then queues it as a small row. Measured: a 25 MiB message's
+# insert and COMMIT took 120-280 ms on SQLite, and every small message of its batch waited as long.
+# Below it a message goes into the batch whole: a few commits of its own would cost it more than
+# the others wait for it.
 LARGE_MESSAGE = 1024 * 1024
+# Parts no message names after this long are deleted: no upload takes so long between its first
+# part and its queueing transaction (they follow each other; only the store being away delays it).
+UNCLAIMED_PARTS_AGE = timedelta(hours=1)
 
 
 # How old a sender's state may be when MAIL uses it without reading the store. The authoritative
@@ -109,18 +123,39 @@ class SubmissionWriter:
         self._batches: Batches[QueueRequest, QueueOutcome] = Batches(
             self._write, max_batch=max_batch, name="queue-writer"
         )
-        self._large: Batches[QueueRequest, QueueOutcome] = Batches(
-            functools.partial(self._write, alone=True), max_batch=1, name="queue-writer-large"
-        )
 
     async def queue(self, request: QueueRequest) -> QueueOutcome:
-        lane = self._large if len(request.data) >= LARGE_MESSAGE else self._batches
-        return await lane.submit(request)
+        if isinstance(request.data, WrittenAhead) or len(request.data) < LARGE_MESSAGE:
+            return await self._batches.submit(request)
+        written = await self._write_ahead(request.queue_id, request.data, request.now)
+        outcome = await self._batches.submit(replace(request, data=written))
+        if not isinstance(outcome, Queued):
+            await self._delete_parts(request.queue_id)
+        return outcome
 
-    async def _write(self, batch: Batch[QueueRequest, QueueOutcome], *, alone: bool = False) -> None:
+    async def _write_ahead(self, queue_id: str, data: bytes, now: datetime) -> WrittenAhead:
+        # One part at a time, each alone (never in a batch, so no small message's COMMIT carries
+        # it): the writes of the other sessions go in between. If one fails, the parts already
+        # written are deleted later by delete_unclaimed_parts.
+        parts = 0
+        for part in message_parts.split(data, message_parts.PART_SIZES[self._database.dialect]):
+            await self._database.write(
+                functools.partial(message_parts.write_part, queue_id=queue_id, seq=parts, data=part, now=now),
+                alone=True,
+            )
+            parts += 1
+        return WrittenAhead(parts=parts, size=len(data))
+
+    async def _delete_parts(self, queue_id: str) -> None:
+        try:
+            await self._database.write(functools.partial(message_parts.delete_parts, queue_id=queue_id))
+        except Exception:  # the refusal stands; delete_unclaimed_parts deletes them later
+            logger.warning("could not delete the parts of refused message %s yet", queue_id, exc_info=True)
+
+    async def _write(self, batch: Batch[QueueRequest, QueueOutcome]) -> None:
         requests = [request for request, _ in batch]
         try:
-            result = await self._database.write(lambda conn: _queue_or_report(conn, requests), alone=alone)
+            result = await self._database.write(lambda conn: _queue_or_report(conn, requests))
         except Exception as error:  # BEGIN or COMMIT failed: the store is away, or the outcome unknown
             settle_with_error(batch, error)
             return
@@ -137,3 +172,26 @@ class SubmissionWriter:
         for (_, future), outcome in zip(batch, result.outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
+
+
+async def delete_unclaimed_parts(database: Database, *, older_than: timedelta = UNCLAIMED_PARTS_AGE) -> int:
+    """Delete the parts of messages that were never queued (refused, or the store or node failed
+    between the parts and the queueing); returns how many parts."""
+    before = datetime.now(UTC) - older_than
+    return await database.write(functools.partial(message_parts.delete_unclaimed, before=before))
+
+
+async def sweep_unclaimed_parts(database: Database, stop: asyncio.Event, *, every: float = 600.0) -> None:
+    """``delete_unclaimed_parts`` now and every ``every`` seconds until ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            deleted = await delete_unclaimed_parts(database)
+        except Exception:  # the store is away: the next round tries again
+            logger.warning("could not delete unclaimed message parts", exc_info=True)
+        else:
+            if deleted:
+                logger.info("deleted %d part(s) of messages that were never queued", deleted)
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+        except TimeoutError:
+            pass

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
+from poweremail.api.routes import LIST_AT_ONCE
 from tests.support import Owner, ServerProcess
 
 CALL_REQUIRED = {
@@ -121,6 +122,20 @@ def test_list_is_oldest_first_and_counts_in_its_message(server: ServerProcess, o
     assert response.json()["status"] == "success"
     assert response.json()["message"] == "3 SMTP users"
     assert [entry["smtp_user_name"] for entry in response.json()["smtp_list"]] == names
+
+
+def test_an_owner_with_more_users_than_are_read_at_once_gets_them_all(
+    server: ServerProcess, owner: Owner
+) -> None:
+    """listSmtp reads up to LIST_AT_ONCE users on the event loop; past that, in a thread. Both the
+    first call (which finds out) and the next (which goes to the thread at once) list everyone."""
+    names = [_add(server, owner)["smtp_user_name"] for _ in range(LIST_AT_ONCE + 1)]
+    for _ in range(2):
+        response = server.post("listSmtp", owner.creds())
+        assert response.json()["message"] == f"{LIST_AT_ONCE + 1} SMTP users"
+        assert [entry["smtp_user_name"] for entry in response.json()["smtp_list"]] == names
+    server.post("deleteSmtp", owner.creds(smtp_user_name=names[0]))
+    assert [entry["smtp_user_name"] for entry in _list(server, owner)] == names[1:]
 
 
 def test_form_encoded_bodies_work_for_every_call(server: ServerProcess, owner: Owner) -> None:

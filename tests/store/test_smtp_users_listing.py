@@ -111,3 +111,34 @@ def test_the_hour_is_bound_as_sqlalchemy_writes_times_in_sqlite() -> None:
     compiled = smtp_users._OWNER_LISTING_STATEMENT._compile(sqlite.dialect())
     moment = datetime(2026, 11, 24, 3, 4, 5, 6, tzinfo=UTC)
     assert compiled.processors["hour_ago"](moment) == "2026-11-24 03:04:05.000006"
+
+
+def test_a_listing_read_at_most_n_users_refuses_a_longer_one(database_url: str, tmp_path: Path) -> None:
+    """``at_most``: what listSmtp reads on the event loop. The owner is checked first, so only its
+    own token learns that it has more users; exactly ``at_most`` users is still a listing."""
+    run(_migrate(database_url))
+    keyring = Keyring.load_or_create(tmp_path / "secret.key")
+
+    def scenario(conn: Connection) -> tuple[object, ...]:
+        owner = owners.create_owner(conn)
+        owner_pk = owners.authenticate_owner(conn, owner_id=owner.owner_id, token=owner.token)
+        assert owner_pk is not None
+        for _ in range(3):
+            smtp_users.create_smtp_user(
+                conn, owner_pk=owner_pk, keyring=keyring, total_limit=5, hourly_limit=5
+            )
+
+        def listing(token: str, at_most: int) -> object:
+            return smtp_users.list_owner_smtp_users(
+                conn, owner_id=owner.owner_id, token=token, keyring=keyring, at_most=at_most
+            )
+
+        exactly = listing(owner.token, 3)
+        wrong_token = listing("nope", 2)
+        with pytest.raises(smtp_users.ListingTooLongError):
+            listing(owner.token, 2)
+        return exactly, wrong_token
+
+    exactly, wrong_token = store_write(database_url, scenario)
+    assert isinstance(exactly, list) and len(exactly) == 3
+    assert wrong_token is None

@@ -5,6 +5,7 @@ own result or exception, and a write is visible to every read that starts after 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -136,3 +137,95 @@ def test_a_write_alone_is_never_batched_with_others(tmp_path: Path) -> None:
 
     run(main())
     assert seen["a"] == seen["b"] < seen["large"] < seen["c"] == seen["d"], seen
+
+
+def _owner_count(conn: Connection) -> tuple[int, int]:
+    """How many owners there are, and on which thread that was read."""
+    count = conn.scalar(sa.select(sa.func.count()).select_from(owners_table))
+    return int(count or 0), threading.get_ident()
+
+
+def test_read_now_reads_on_the_calling_thread_and_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """SQLite: at once, on the event loop's thread; it sees what was written before it, and a work
+    that opened a transaction (conn.execute) has it closed, so no snapshot stays pinned."""
+
+    async def scenario() -> list[tuple[int, int]]:
+        database = Database(f"sqlite:///{tmp_path / 'now.sqlite3'}")
+        try:
+            await database.migrate()
+            seen = [await database.read_now(_owner_count)]
+            await database.write(lambda conn: owners.create_owner(conn, name="now"))
+            seen.append(await database.read_now(_owner_count))
+            assert database._now_connection is not None and not database._now_connection.in_transaction()
+            return seen
+        finally:
+            await database.close()
+
+    assert run(scenario()) == [(0, threading.get_ident()), (1, threading.get_ident())]
+
+
+def test_read_now_does_not_block_the_event_loop_on_a_locked_database(tmp_path: Path) -> None:
+    """Another process holding SQLite's lock when read_now first opens its connection: the event
+    loop goes on while it waits (opening sets the journal mode, which needs the lock)."""
+    path = tmp_path / "locked.sqlite3"
+
+    async def create() -> None:
+        database = Database(f"sqlite:///{path}")
+        await database.migrate()
+        await database.write(lambda conn: owners.create_owner(conn, name="before"))
+        await database.close()
+
+    run(create())
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("PRAGMA locking_mode=EXCLUSIVE")  # in WAL mode, only this keeps readers out
+    blocker.execute("BEGIN EXCLUSIVE")
+    blocker.execute("UPDATE owners SET name = 'locked'")
+    blocker.execute("COMMIT")  # the exclusive lock stays until the connection closes
+
+    async def scenario() -> tuple[int, int]:
+        database = Database(f"sqlite:///{path}")
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        asyncio.get_running_loop().call_later(0.5, blocker.close)
+        try:
+            count, _ = await database.read_now(_owner_count)
+            return count, ticks
+        finally:
+            ticker.cancel()
+            await database.close()
+
+    count, ticks = run(scenario())
+    assert count == 1
+    assert ticks >= 20, f"the event loop ticked {ticks} times in the 0.5 s the database was locked"
+
+
+def test_read_now_leaves_a_read_sqlite_refuses_at_once_to_the_reader_threads(tmp_path: Path) -> None:
+    """read_now's connection never waits (busy_timeout 0): a read that SQLite refuses on it because
+    the database is busy runs again in a reader thread, which waits for the lock."""
+    loop_thread = threading.get_ident()
+    tries: list[int] = []
+
+    def busy_on_the_loop(conn: Connection) -> tuple[int, int]:
+        tries.append(threading.get_ident())
+        if threading.get_ident() == loop_thread:
+            raise sqlite3.OperationalError("database is locked")
+        return _owner_count(conn)
+
+    async def scenario() -> tuple[int, int]:
+        database = Database(f"sqlite:///{tmp_path / 'busy.sqlite3'}")
+        try:
+            await database.migrate()
+            return await database.read_now(busy_on_the_loop)
+        finally:
+            await database.close()
+
+    count, thread = run(scenario())
+    assert count == 0 and thread != loop_thread
+    assert tries == [loop_thread, thread]

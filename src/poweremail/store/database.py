@@ -11,11 +11,16 @@ in one hop:
   100 µs each), made listSmtp 25x slower than the bare web stack.
 - PostgreSQL: on asyncpg, through ``AsyncConnection.run_sync``, which lets the same synchronous
   function drive the async driver.
+
+``Database.read_now(work)`` is for one small read that is cheaper than any hop: on SQLite it runs on
+the calling thread (the event loop), outside a transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -25,10 +30,12 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from poweremail.store._sqlite_batches import BatchingWorkers
+
+logger = logging.getLogger("poweremail.store")
 
 Dialect = Literal["sqlite", "postgresql"]
 T = TypeVar("T")
@@ -94,6 +101,7 @@ class Database:
         self._sync_engine: Engine | None = None
         self._async_engine: AsyncEngine | None = None
         self._readers: BatchingWorkers | None = None
+        self._now_connection: Connection | None = None  # read_now's, used on the event loop only
         self._writer: BatchingWorkers | None = None
         # hide_parameters: ciphertexts, token hashes and message bodies never reach a log line or
         # an exception message.
@@ -104,9 +112,9 @@ class Database:
             self._sync_engine = create_engine(
                 sa_url,
                 hide_parameters=True,
-                # One connection per thread that can use one (readers, writer, migrations), kept
-                # open: no churn under load.
-                pool_size=SQLITE_READERS + 2,
+                # One connection per thread that can use one (readers, writer, migrations) and
+                # read_now's, kept open: no churn under load.
+                pool_size=SQLITE_READERS + 3,
                 max_overflow=0,
                 connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
             )
@@ -125,6 +133,46 @@ class Database:
 
     async def read(self, work: Work[T]) -> T:
         return await self._run(work, writes=False)
+
+    async def read_now(self, work: Work[T]) -> T:
+        """``work`` as ``read`` does, but on SQLite at once on the calling thread, on a connection of
+        its own, outside any transaction: for a single statement that reads a bounded number of rows
+        (SQLite gives each statement a snapshot of its own). Where SQLite cannot read at once (a
+        lock held by another process), ``work`` goes to the reader threads instead.
+
+        Measured: listSmtp for 10 users spent more in the hop to a reader thread and in SQLAlchemy
+        checking out a connection and opening and closing its transaction than in the query
+        (4,750 -> 7,500-8,000 requests/s).
+        """
+        if self._sync_engine is None:
+            return await self.read(work)
+        if self._now_connection is None:
+            # In a thread: opening sets the journal mode, which waits while another process holds
+            # the database's lock.
+            opened = await asyncio.to_thread(self._open_now_connection)
+            if self._now_connection is None:
+                self._now_connection = opened
+            else:  # another read_now opened one meanwhile
+                opened.close()
+        conn = self._now_connection
+        try:
+            return work(conn)
+        except (sqlite3.OperationalError, OperationalError):
+            logger.debug("SQLite could not read at once; reading in a thread", exc_info=True)
+        finally:
+            if conn.in_transaction():  # work used conn.execute: no snapshot may stay open
+                conn.rollback()
+        return await self.read(work)
+
+    def _open_now_connection(self) -> Connection:
+        assert self._sync_engine is not None
+        conn = self._sync_engine.connect()
+        # Never wait on the event loop: a database locked by another process is left to the
+        # reader threads, which wait for it.
+        conn.exec_driver_sql("PRAGMA busy_timeout=0")
+        if conn.in_transaction():
+            conn.rollback()
+        return conn
 
     async def write(self, work: Work[T], *, alone: bool = False) -> T:
         """``work`` in a write transaction. SQLite batches concurrent writes into one transaction
@@ -168,6 +216,9 @@ class Database:
     async def close(self) -> None:
         if self._async_engine is not None:
             await self._async_engine.dispose()
+        if self._now_connection is not None:
+            self._now_connection.close()
+            self._now_connection = None
         for workers in (self._readers, self._writer):
             if workers is not None:
                 await asyncio.to_thread(workers.close)

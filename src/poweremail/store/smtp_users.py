@@ -237,11 +237,16 @@ class _DriverStatement:
 _OWNER_LISTING_STATEMENT = _DriverStatement(_OWNER_LISTING, datetimes=("hour_ago",))
 
 
+class ListingTooLongError(Exception):
+    """The owner has more SMTP users than the caller would read in this call (``at_most``)."""
+
+
 def list_owner_smtp_users(
-    conn: Connection, *, owner_id: str, token: str, keyring: Keyring
+    conn: Connection, *, owner_id: str, token: str, keyring: Keyring, at_most: int | None = None
 ) -> list[SmtpUserListing] | None:
     """This owner's live SMTP users, oldest first, with their passwords and usage; ``None`` unless
-    ``token`` is this active owner's token (an unknown owner costs the same as a wrong token)."""
+    ``token`` is this active owner's token (an unknown owner costs the same as a wrong token).
+    Raises ListingTooLongError, having read no more than that, if there are more than ``at_most``."""
     cursor = _OWNER_LISTING_STATEMENT.cursor(
         conn, {"owner_id": owner_id, "hour_ago": datetime.now(UTC) - HOURLY_WINDOW}
     )
@@ -252,7 +257,14 @@ def list_owner_smtp_users(
             return None
         if not owner_token_matches(token, bytes(first[0])) or not first[1]:
             return None
-        rows = [first, *cursor.fetchall()] if first[2] is not None else []
+        if first[2] is None:  # the owner, and no user (the outer join's one row)
+            rows = []
+        elif at_most is None:
+            rows = [first, *cursor.fetchall()]
+        else:
+            rows = [first, *cursor.fetchmany(at_most)]  # each row costs its usage lookups: bounded
+            if len(rows) > at_most:
+                raise ListingTooLongError(at_most)
     finally:
         cursor.close()
     return [

@@ -126,6 +126,35 @@ def test_idle_sessions_are_closed(strict: ServerProcess) -> None:
         assert 1.0 < time.monotonic() - started < 4.5
 
 
+def test_data_arriving_slowly_is_not_cut_by_the_idle_timeout(strict: ServerProcess, user: SmtpUser) -> None:
+    """The idle timeout (1.5 s here) counts from the last octet received, not the last command: a
+    message that takes longer than it to arrive, a piece at a time, is taken (a 25 MiB message on a
+    slow link takes minutes)."""
+    with RawSMTP(strict.smtp_port, source="127.0.0.11") as smtp:
+        smtp.login(user.name, user.password)
+        smtp.command("MAIL FROM:<a@example.com>")
+        smtp.command("RCPT TO:<b@example.com>")
+        assert smtp.command("DATA").startswith("354")
+        smtp.send(b"Subject: slow\r\n\r\n")
+        for piece in range(6):  # 3 s in all, 0.5 s apart
+            time.sleep(0.5)
+            smtp.send(b"piece %d\r\n" % piece)
+        assert smtp.command(b".").startswith("250 2.0.0 Ok: queued as ")
+
+
+def test_data_that_stops_arriving_is_cut_by_the_idle_timeout(strict: ServerProcess, user: SmtpUser) -> None:
+    with RawSMTP(strict.smtp_port, source="127.0.0.12") as smtp:
+        smtp.login(user.name, user.password)
+        smtp.command("MAIL FROM:<a@example.com>")
+        smtp.command("RCPT TO:<b@example.com>")
+        assert smtp.command("DATA").startswith("354")
+        smtp.send(b"Subject: stalled\r\n\r\nfirst line\r\n")
+        smtp.sock.settimeout(5)
+        started = time.monotonic()
+        assert smtp.is_closed()
+        assert 1.0 < time.monotonic() - started < 4.5
+
+
 def test_overlong_sessions_are_closed_with_421(strict: ServerProcess) -> None:
     with RawSMTP(strict.smtp_port, source="127.0.0.9") as smtp:
         deadline = time.monotonic() + 8

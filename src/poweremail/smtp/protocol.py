@@ -79,6 +79,7 @@ class SubmissionSMTP(SMTP):
         self._closing: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
         self._in_data = False
         self._since_crlf = 0  # octets received in DATA since the last CRLF
+        self._data_seen_at = 0.0  # loop time of the last octet received in DATA
         # For the handler at the end of DATA: the message has no lone CR or LF (nothing to normalize).
         self.data_crlf_only = False
         super().__init__(handler, **kwargs)
@@ -128,6 +129,7 @@ class SubmissionSMTP(SMTP):
 
     def data_received(self, data: bytes) -> None:
         if self._in_data and self.transport is not None:
+            self._data_seen_at = self.loop.time()  # see _timeout_cb
             end = data.rfind(b"\r\n")
             self._since_crlf = len(data) - end - 2 if end >= 0 else self._since_crlf + len(data)
             if self._since_crlf > MAX_DATA_RUN:
@@ -141,6 +143,15 @@ class SubmissionSMTP(SMTP):
                 self.transport.close()
                 return
         super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd restarts the idle timer at each command only. A message still arriving is not
+        # idle (25 MiB over a slow link takes minutes): the timer runs on from its last octet.
+        idle = self.loop.time() - self._data_seen_at
+        if self._in_data and idle < self._timeout_duration:
+            self._reset_timeout(self._timeout_duration - idle)
+            return
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def eof_received(self) -> bool | None:
         if self._refused:

@@ -7,8 +7,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poweremail.smtp.message import LineEndings, normalize_line_endings
+from poweremail.smtp.message import LineEndings, has_message_id, normalize_line_endings, stamp
 from poweremail.smtp.protocol import _unstuffed
+from poweremail.store.message_parts import split
 
 # Few octets, so that dots, CRs and LFs meet each other and the piece boundaries often.
 octets = st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"a"]), max_size=40).map(b"".join)
@@ -57,3 +58,51 @@ def test_line_endings_examples() -> None:
     assert not crlf_only(b"a\r\n", b"\nb\r\n")  # a lone LF at a piece's start
     assert not crlf_only(b"a\r\nb\r")  # ends with a lone CR
     assert crlf_only()
+
+
+# Headers and a body whose blank line, Message-ID and CRLFs land anywhere among the pieces.
+heads = st.lists(
+    st.sampled_from([b"Subject: x\r\n", b"Message-ID: <a@b>\r\n", b"\r\n", b"body\r\n", b"\r", b"\n"]),
+    max_size=12,
+).map(b"".join)
+
+
+@settings(max_examples=3000)
+@given(heads, st.lists(st.integers(min_value=0, max_value=80), max_size=6), st.booleans())
+def test_stamping_the_pieces_equals_stamping_the_whole_message(
+    data: bytes, cuts: list[int], crlf_only: bool
+) -> None:
+    """stamp takes the message in the pieces it was read in and never joins a large one; its answer
+    (a Message-ID added or not, line endings) is what the whole message would get."""
+    crlf_only = crlf_only and _crlf_only(data)
+    whole = data if crlf_only else normalize_line_endings(data)
+    expected = b"Received: r\r\n"
+    if not has_message_id(whole):
+        expected += b"Message-ID: <q1@h>\r\n"
+    pieces = _split(data, cuts)
+    stamped = stamp(pieces, received=b"Received: r\r\n", hostname="h", queue_id="Q1", crlf_only=crlf_only)
+    assert b"".join(stamped) == expected + whole
+
+
+def _crlf_only(data: bytes) -> bool:
+    endings = LineEndings()
+    endings.feed(data)
+    return endings.crlf_only
+
+
+@settings(max_examples=2000)
+@given(
+    st.lists(st.binary(max_size=40), max_size=8),
+    st.integers(min_value=1, max_value=50),
+    st.booleans(),
+)
+def test_parts_are_the_message_cut_at_every_part_size(
+    pieces: list[bytes], part_size: int, whole: bool
+) -> None:
+    """message_parts.split, from the message whole or in pieces: the parts joined are the message,
+    every part but the last is exactly part_size, and none is empty."""
+    data = b"".join(pieces)
+    parts = list(split(data if whole else pieces, part_size))
+    assert b"".join(parts) == data
+    assert all(len(part) == part_size for part in parts[:-1])
+    assert all(0 < len(part) <= part_size for part in parts)

@@ -7,6 +7,8 @@ A dedicated server with small limits; each test uses its own loopback source add
 from __future__ import annotations
 
 import base64
+import contextlib
+import itertools
 import smtplib
 import ssl
 import time
@@ -17,6 +19,7 @@ import pytest
 import trustme
 
 from poweremail.smtp import replies
+from poweremail.smtp.protocol import MIN_DATA_RATE
 from tests.smtp.helpers import SmtpUser, add_smtp_user, tls_context_trusting, usage
 from tests.smtp.raw import RawSMTP
 from tests.support import Owner, ServerProcess, create_owner
@@ -127,9 +130,8 @@ def test_idle_sessions_are_closed(strict: ServerProcess) -> None:
 
 
 def test_data_arriving_slowly_is_not_cut_by_the_idle_timeout(strict: ServerProcess, user: SmtpUser) -> None:
-    """The idle timeout (1.5 s here) counts from the last octet received, not the last command: a
-    message that takes longer than it to arrive, a piece at a time, is taken (a 25 MiB message on a
-    slow link takes minutes)."""
+    """A message that takes longer than the idle timeout (1.5 s here) to arrive, a piece at a time
+    at 1,200 octets a second, is taken (a 25 MiB message on a slow link takes minutes)."""
     with RawSMTP(strict.smtp_port, source="127.0.0.11") as smtp:
         smtp.login(user.name, user.password)
         smtp.command("MAIL FROM:<a@example.com>")
@@ -138,19 +140,32 @@ def test_data_arriving_slowly_is_not_cut_by_the_idle_timeout(strict: ServerProce
         smtp.send(b"Subject: slow\r\n\r\n")
         for piece in range(6):  # 3 s in all, 0.5 s apart
             time.sleep(0.5)
-            smtp.send(b"piece %d\r\n" % piece)
+            smtp.send(b"%d" % piece + b"x" * 596 + b"\r\n")
+        assert 6 * 600 < MAX_SIZE and 600 / 0.5 > MIN_DATA_RATE
         assert smtp.command(b".").startswith("250 2.0.0 Ok: queued as ")
 
 
-def test_data_that_stops_arriving_is_cut_by_the_idle_timeout(strict: ServerProcess, user: SmtpUser) -> None:
+@pytest.mark.parametrize("trickle", [False, True], ids=["stopped", "a-byte-a-second"])
+def test_data_that_stops_or_trickles_is_cut_by_the_idle_timeout(
+    strict: ServerProcess, user: SmtpUser, trickle: bool
+) -> None:
+    """Data that stops arriving, or arrives slower than MIN_DATA_RATE (a slowloris keeping the
+    connection open a byte at a time), is cut within two idle periods."""
     with RawSMTP(strict.smtp_port, source="127.0.0.12") as smtp:
         smtp.login(user.name, user.password)
         smtp.command("MAIL FROM:<a@example.com>")
         smtp.command("RCPT TO:<b@example.com>")
         assert smtp.command("DATA").startswith("354")
         smtp.send(b"Subject: stalled\r\n\r\nfirst line\r\n")
-        smtp.sock.settimeout(5)
         started = time.monotonic()
+        if trickle:
+            with contextlib.suppress(OSError):
+                for octet in itertools.cycle(b"slow\r\n"):
+                    time.sleep(0.2)  # 5 octets a second
+                    smtp.send(bytes([octet]))
+                    if time.monotonic() - started > 6:
+                        break
+        smtp.sock.settimeout(5)
         assert smtp.is_closed()
         assert 1.0 < time.monotonic() - started < 4.5
 

@@ -269,7 +269,6 @@ class SubmissionHandler:
         self, server: SubmissionSMTP, session: SubmissionSession, envelope: Envelope
     ) -> str:
         identity = _identity(session)
-        assert envelope.original_content is not None  # aiosmtpd sets it before calling this hook
         queue_id = new_queue_id()
         now = datetime.now(UTC)
         protocol = ("ESMTPSA" if session.tls else "ESMTPA") if session.extended_smtp else "SMTP"
@@ -283,7 +282,7 @@ class SubmissionHandler:
             now=now,
         )
         data = stamp(
-            envelope.original_content,
+            server.data_pieces,
             received=received,
             hostname=self._hostname,
             queue_id=queue_id,

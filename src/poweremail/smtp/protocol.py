@@ -33,6 +33,9 @@ logger = logging.getLogger("poweremail.smtp")
 # 1000 octets (RFC 5321 4.5.3.1.6) and aiosmtpd refuses a longer one when the data ends, but until then
 # it keeps every piece of it in memory: a client sending one endless line would take it all.
 MAX_DATA_RUN = 1024 * 1024
+# The slowest DATA that the idle timeout lets go on (octets a second, averaged over each idle period):
+# a phone on a poor link sends kilobytes a second; a connection kept open by a trickle sends less.
+MIN_DATA_RATE = 512
 
 
 class SubmissionSession(Session):
@@ -79,8 +82,10 @@ class SubmissionSMTP(SMTP):
         self._closing: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
         self._in_data = False
         self._since_crlf = 0  # octets received in DATA since the last CRLF
-        self._data_seen_at = 0.0  # loop time of the last octet received in DATA
-        # For the handler at the end of DATA: the message has no lone CR or LF (nothing to normalize).
+        self._data_octets = 0  # received in DATA since the idle timer last fired
+        # For the handler at the end of DATA: the message, and whether it has no lone CR or LF
+        # (nothing to normalize).
+        self.data_pieces: list[bytes] = []
         self.data_crlf_only = False
         super().__init__(handler, **kwargs)
 
@@ -129,7 +134,7 @@ class SubmissionSMTP(SMTP):
 
     def data_received(self, data: bytes) -> None:
         if self._in_data and self.transport is not None:
-            self._data_seen_at = self.loop.time()  # see _timeout_cb
+            self._data_octets += len(data)  # see _timeout_cb
             end = data.rfind(b"\r\n")
             self._since_crlf = len(data) - end - 2 if end >= 0 else self._since_crlf + len(data)
             if self._since_crlf > MAX_DATA_RUN:
@@ -145,11 +150,13 @@ class SubmissionSMTP(SMTP):
         super().data_received(data)
 
     def _timeout_cb(self) -> None:
-        # aiosmtpd restarts the idle timer at each command only. A message still arriving is not
-        # idle (25 MiB over a slow link takes minutes): the timer runs on from its last octet.
-        idle = self.loop.time() - self._data_seen_at
-        if self._in_data and idle < self._timeout_duration:
-            self._reset_timeout(self._timeout_duration - idle)
+        # aiosmtpd restarts the idle timer at each command only, which cut any message taking
+        # longer than the idle timeout to arrive (25 MiB at 512 kbit/s takes 7 minutes). During
+        # DATA the session goes on for another period if the one that ended brought data at
+        # MIN_DATA_RATE or more: a slow link is not idle, a byte a second (slowloris) is.
+        received, self._data_octets = self._data_octets, 0
+        if self._in_data and received >= MIN_DATA_RATE * self._timeout_duration:
+            self._reset_timeout()
             return
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
@@ -255,7 +262,7 @@ class SubmissionSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        self._in_data, self._since_crlf = True, 0  # see data_received
+        self._in_data, self._since_crlf, self._data_octets = True, 0, 0  # see data_received
         try:
             received = await self._receive_data()
         finally:
@@ -266,9 +273,14 @@ class SubmissionSMTP(SMTP):
             await self.push(received)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
-        self.envelope.content = self.envelope.original_content = received.content
+        # The handler takes the message as the blocks it arrived in (data_pieces), not from the
+        # envelope: joining a 25 MiB message held the event loop ~10 ms, and nothing needs it whole.
+        self.data_pieces = received.pieces
         self.data_crlf_only = received.crlf_only
-        status = await self._call_handler_hook("DATA")
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            self.data_pieces = []  # not held while the session waits for its next message
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 
@@ -308,7 +320,7 @@ class SubmissionSMTP(SMTP):
                 break
         if refusal is not None:
             return refusal
-        return _Data(b"".join(pieces), endings.crlf_only)
+        return _Data(pieces, endings.crlf_only)
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -355,7 +367,7 @@ _SIMPLE_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_DOMAIN})>(?: +({_PARAMETE
 
 @dataclass(frozen=True)
 class _Data:
-    content: bytes  # unstuffed
+    pieces: list[bytes]  # the message, unstuffed, in the blocks it was read in
     crlf_only: bool  # no lone CR or LF in it: nothing for normalize_line_endings to do
 
 

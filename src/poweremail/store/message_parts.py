@@ -14,7 +14,7 @@ server knows, else by ``delete_unclaimed`` once they are older than any upload c
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -43,10 +43,23 @@ _DELETE_UNCLAIMED = message_parts.delete().where(
 )
 
 
-def split(data: bytes, part_size: int) -> Iterator[bytes]:
-    """The parts ``data`` is written in, in order (each copied out only when it is its turn)."""
-    for start in range(0, len(data), part_size):
-        yield data[start : start + part_size]
+def split(data: bytes | Sequence[bytes], part_size: int) -> Iterator[bytes]:
+    """The parts a message is written in, in order, from the message whole or in the pieces it was
+    received in; each part is copied out only when it is its turn (never the whole message)."""
+    taken: list[memoryview] = []
+    filled = 0
+    for piece in (data,) if isinstance(data, bytes) else data:
+        view, start = memoryview(piece), 0
+        while start < len(view):
+            chunk = view[start : start + part_size - filled]
+            taken.append(chunk)
+            filled += len(chunk)
+            start += len(chunk)
+            if filled == part_size:
+                yield b"".join(taken)
+                taken, filled = [], 0
+    if taken:
+        yield b"".join(taken)
 
 
 def write_part(conn: Connection, *, queue_id: str, seq: int, data: bytes, now: datetime) -> None:

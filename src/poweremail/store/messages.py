@@ -147,12 +147,18 @@ class QueueRequest:
     queue_id: str
     mail_from: str
     rcpt_tos: Sequence[str]
-    data: bytes | WrittenAhead
+    # The message: whole, or in the pieces it was received in (SubmissionWriter joins a small one
+    # and writes a large one ahead without ever joining it), or already written ahead.
+    data: bytes | tuple[bytes, ...] | WrittenAhead
     now: datetime
 
     @property
     def size(self) -> int:
-        return self.data.size if isinstance(self.data, WrittenAhead) else len(self.data)
+        if isinstance(self.data, WrittenAhead):
+            return self.data.size
+        if isinstance(self.data, tuple):
+            return sum(map(len, self.data))
+        return len(self.data)
 
 
 def queue_message(
@@ -288,7 +294,8 @@ def _write_accepted(
     )
 
 
-def _content_row(message_id: int, data: bytes | WrittenAhead) -> dict[str, object]:
+def _content_row(message_id: int, data: bytes | tuple[bytes, ...] | WrittenAhead) -> dict[str, object]:
     if isinstance(data, WrittenAhead):
         return {"message_id": message_id, "data": b"", "parts": data.parts}
-    return {"message_id": message_id, "data": data, "parts": None}
+    whole = b"".join(data) if isinstance(data, tuple) else data
+    return {"message_id": message_id, "data": whole, "parts": None}

@@ -125,26 +125,31 @@ class SubmissionWriter:
         )
 
     async def queue(self, request: QueueRequest) -> QueueOutcome:
-        if isinstance(request.data, WrittenAhead) or len(request.data) < LARGE_MESSAGE:
+        if isinstance(request.data, WrittenAhead) or request.size < LARGE_MESSAGE:
+            if isinstance(request.data, tuple):
+                request = replace(request, data=b"".join(request.data))
             return await self._batches.submit(request)
-        written = await self._write_ahead(request.queue_id, request.data, request.now)
+        written = await self._write_ahead(request)
         outcome = await self._batches.submit(replace(request, data=written))
         if not isinstance(outcome, Queued):
             await self._delete_parts(request.queue_id)
         return outcome
 
-    async def _write_ahead(self, queue_id: str, data: bytes, now: datetime) -> WrittenAhead:
+    async def _write_ahead(self, request: QueueRequest) -> WrittenAhead:
         # One part at a time, each alone (never in a batch, so no small message's COMMIT carries
         # it): the writes of the other sessions go in between. If one fails, the parts already
         # written are deleted later by delete_unclaimed_parts.
+        assert not isinstance(request.data, WrittenAhead)
         parts = 0
-        for part in message_parts.split(data, message_parts.PART_SIZES[self._database.dialect]):
+        for part in message_parts.split(request.data, message_parts.PART_SIZES[self._database.dialect]):
             await self._database.write(
-                functools.partial(message_parts.write_part, queue_id=queue_id, seq=parts, data=part, now=now),
+                functools.partial(
+                    message_parts.write_part, queue_id=request.queue_id, seq=parts, data=part, now=request.now
+                ),
                 alone=True,
             )
             parts += 1
-        return WrittenAhead(parts=parts, size=len(data))
+        return WrittenAhead(parts=parts, size=request.size)
 
     async def _delete_parts(self, queue_id: str) -> None:
         try:

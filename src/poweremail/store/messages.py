@@ -147,8 +147,9 @@ class QueueRequest:
     queue_id: str
     mail_from: str
     rcpt_tos: Sequence[str]
-    # The message: whole, or in the pieces it was received in (SubmissionWriter joins a small one
-    # and writes a large one ahead without ever joining it), or already written ahead.
+    # The message: whole, or in the pieces it was received in (joined where its row is written,
+    # off the event loop; SubmissionWriter writes a large one ahead without joining it), or
+    # already written ahead.
     data: bytes | tuple[bytes, ...] | WrittenAhead
     now: datetime
 

@@ -126,9 +126,7 @@ class SubmissionWriter:
 
     async def queue(self, request: QueueRequest) -> QueueOutcome:
         if isinstance(request.data, WrittenAhead) or request.size < LARGE_MESSAGE:
-            if isinstance(request.data, tuple):
-                request = replace(request, data=b"".join(request.data))
-            return await self._batches.submit(request)
+            return await self._batches.submit(request)  # pieces are joined by the store's writer
         written = await self._write_ahead(request)
         outcome = await self._batches.submit(replace(request, data=written))
         if not isinstance(outcome, Queued):

@@ -13,6 +13,7 @@ from sqlalchemy import Connection
 from poweremail.keyring import DecryptionError, Keyring
 from poweremail.store import messages, owners, smtp_users
 from poweremail.store.schema import smtp_users as smtp_users_table
+from poweremail.store.smtp_users import SmtpUserListing
 from tests.store.test_time import _migrate
 from tests.support import run, store_write
 
@@ -142,3 +143,44 @@ def test_a_listing_read_at_most_n_users_refuses_a_longer_one(database_url: str, 
     exactly, wrong_token = store_write(database_url, scenario)
     assert isinstance(exactly, list) and len(exactly) == 3
     assert wrong_token is None
+
+
+def test_a_remembered_listing_follows_every_change(database_url: str, tmp_path: Path) -> None:
+    """The users listed are remembered by the columns they came from: a message sent, a reset or an
+    edit makes new columns, so a listing never answers from before the change."""
+    run(_migrate(database_url))
+    keyring = Keyring.load_or_create(tmp_path / "secret.key")
+    now = datetime.now(UTC)
+
+    def scenario(conn: Connection) -> tuple[list[SmtpUserListing], str]:
+        owner = owners.create_owner(conn)
+        owner_pk = owners.authenticate_owner(conn, owner_id=owner.owner_id, token=owner.token)
+        assert owner_pk is not None
+        name, _ = smtp_users.create_smtp_user(
+            conn, owner_pk=owner_pk, keyring=keyring, total_limit=50, hourly_limit=20
+        )
+        user_id = smtp_users.find_smtp_user_id(conn, owner_pk=owner_pk, name=name)
+        assert user_id is not None
+
+        def listed() -> SmtpUserListing:
+            listing = smtp_users.list_owner_smtp_users(
+                conn, owner_id=owner.owner_id, token=owner.token, keyring=keyring
+            )
+            assert listing is not None and len(listing) == 1
+            return listing[0]
+
+        seen = [listed(), listed()]
+        _send(conn, user_id, 2, now - timedelta(minutes=5))
+        seen.append(listed())
+        password = smtp_users.reset_smtp_password(conn, smtp_user_id=user_id, name=name, keyring=keyring)
+        seen.append(listed())
+        smtp_users.update_smtp_user(conn, smtp_user_id=user_id, total_limit=40, status="Disable")
+        seen.append(listed())
+        return seen, password
+
+    (first, again, after_send, after_reset, after_edit), password = store_write(database_url, scenario)
+    assert again == first
+    assert (first.sent_total, first.sent_last_hour) == (0, 0)
+    assert (after_send.sent_total, after_send.sent_last_hour) == (2, 2)
+    assert after_reset.password == password != first.password
+    assert (after_edit.status, after_edit.total_limit, after_edit.hourly_limit) == ("Disable", 40, 20)

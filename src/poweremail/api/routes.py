@@ -49,8 +49,13 @@ _TAGS: list[str | Enum] = ["SMTP users"]
 _ROUTES: list[dict[str, Any]] = []
 
 
+# Starlette tries an app's routes in order; listSmtp, the call dashboards poll, goes first of ours
+# (behind only FastAPI's own /docs routes). Measured: ~3 µs of its ~80 µs in the app.
+_FIRST = f"{_PREFIX}/listSmtp"
+
+
 def add_routes(app: FastAPI) -> None:
-    for route in _ROUTES:
+    for route in sorted(_ROUTES, key=lambda route: route["path"] != _FIRST):
         app.add_api_route(**route)
 
 
@@ -254,17 +259,27 @@ _SMTP_ENTRY = (
 )
 
 
+# Each user's entry, by the listing it was written from (which the store keeps while nothing in it
+# changes). Measured: writing the entries anew was ~5 µs of listSmtp for 10 users. Bounded.
+_ENTRIES: dict[smtp_users.SmtpUserListing, str] = {}
+_ENTRIES_SIZE = 20_000
+
+
+def _entry(user: smtp_users.SmtpUserListing) -> str:
+    name, password, status, total, hourly, sent, last_hour = user
+    quote = encode_basestring
+    entry = _SMTP_ENTRY % (quote(name), quote(password), quote(status), total, hourly, sent, last_hour)
+    if len(_ENTRIES) >= _ENTRIES_SIZE:
+        _ENTRIES.clear()
+    _ENTRIES[user] = entry
+    return entry
+
+
 def _list_smtp_answer(listing: list[smtp_users.SmtpUserListing]) -> bytes:
     count = len(listing)
     message = f"{count} SMTP user{'' if count == 1 else 's'}"
-    quote = encode_basestring
-    entries = ",".join(
-        [
-            _SMTP_ENTRY % (quote(name), quote(password), quote(status), total, hourly, sent, last_hour)
-            for name, password, status, total, hourly, sent, last_hour in listing
-        ]
-    )
-    return f'{{"status":"success","message":{quote(message)},"smtp_list":[{entries}]}}'.encode()
+    entries = ",".join([_ENTRIES.get(user) or _entry(user) for user in listing])
+    return f'{{"status":"success","message":{encode_basestring(message)},"smtp_list":[{entries}]}}'.encode()
 
 
 @settings_call(

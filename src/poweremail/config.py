@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM certificate (chain); self-signed if unset")
     tls_key: Path | None = Field(None, description="PEM private key for --tls-cert")
     max_message_size: int = Field(25 * MiB, ge=1024, description="bytes; advertised as SIZE")
+    # Issue 5: one large upload must not stall the other sessions (smtp/bulk_data.py).
+    large_message_rate: int = Field(
+        32 * MiB, ge=0, description="bytes/s read of messages past their first MiB, all together; 0: no limit"
+    )
     # SPEC §4: AUTH only after TLS, except to loopback clients (configurable).
     plaintext_auth_on_loopback: bool = Field(True, description="offer AUTH before TLS to loopback clients")
     smtp_idle_timeout: float = Field(300, gt=0, description="seconds a session may sit idle")

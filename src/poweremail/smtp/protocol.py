@@ -25,6 +25,7 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import MISSING, SMTP, Session, _Missing, syntax
 
 from poweremail.smtp import replies
+from poweremail.smtp.bulk_data import UNMETERED_OCTETS, BulkDataBudget, metered_octets
 from poweremail.smtp.message import LineEndings
 
 logger = logging.getLogger("poweremail.smtp")
@@ -59,6 +60,7 @@ class ConnectionPolicy:
     open_connections: Counter[str] = field(default_factory=Counter)
     sessions: set[SubmissionSMTP] = field(default_factory=set)  # every accepted connection, live
     draining: bool = False  # the node is stopping: finish open transactions, start none
+    bulk_data: BulkDataBudget | None = None  # how fast large messages are read; None: at once
 
 
 def is_loopback(host: str) -> bool:
@@ -316,6 +318,11 @@ class SubmissionSMTP(SMTP):
                 else:
                     pieces.clear()
                 tail = (tail + piece[-2:])[-2:]
+                budget = self._policy.bulk_data
+                if budget is not None and size > UNMETERED_OCTETS:
+                    wait = budget.wait_for(metered_octets(len(piece), size))
+                    if wait and not ends:  # (the last piece's debt falls on the next reader)
+                        await asyncio.sleep(wait)  # its client waits in TCP flow control
             if ends:
                 break
         if refusal is not None:

@@ -11,6 +11,7 @@ from typing import Final
 
 from poweremail.domain.throttle import FailedLoginThrottle, UserLoginThrottle
 from poweremail.services import Services
+from poweremail.smtp.bulk_data import BulkDataBudget
 from poweremail.smtp.handler import SubmissionHandler
 from poweremail.smtp.protocol import ConnectionPolicy, SubmissionSMTP, drain_sessions
 from poweremail.smtp.tls import certificate_paths, server_context
@@ -76,6 +77,7 @@ async def start_smtp_servers(
         max_connections_per_address=settings.max_connections_per_address,
         session_timeout=settings.smtp_session_timeout,
         plaintext_auth_on_loopback=settings.plaintext_auth_on_loopback,
+        bulk_data=BulkDataBudget(rate=settings.large_message_rate) if settings.large_message_rate else None,
     )
 
     def protocol(*, implicit_tls: bool) -> SubmissionSMTP:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from poweremail.smtp.message import LineEndings, has_message_id, normalize_line_endings, stamp
-from poweremail.smtp.protocol import _unstuffed
+from poweremail.smtp.protocol import _LineLengths, _unstuffed
 from poweremail.store.message_parts import split
 
 # Few octets, so that dots, CRs and LFs meet each other and the piece boundaries often.
@@ -44,6 +44,39 @@ def test_line_endings_piece_by_piece_answer_as_the_whole_would(data: bytes, cuts
     for piece in _split(data, cuts):
         endings.feed(piece)
     assert endings.crlf_only == (normalize_line_endings(data) == data)
+
+
+@settings(max_examples=3000)
+@given(octets, st.lists(st.integers(min_value=0, max_value=60), max_size=6))
+def test_line_endings_say_after_every_piece_whether_a_lone_cr_or_lf_came_yet(
+    data: bytes, cuts: list[int]
+) -> None:
+    endings, read = LineEndings(), b""
+    for piece in _split(data, cuts):
+        read += piece
+        settled = read.removesuffix(b"\r")  # a CR at the end may still get its LF
+        assert endings.feed(piece) == (normalize_line_endings(settled) == settled)
+
+
+# Long lines, CRLFs and dots, with no lone CR or LF: the data the quick line-length check is for.
+crlf_lines = st.lists(st.sampled_from([b"x", b"xxxxx", b"\r\n", b"."]), max_size=60).map(b"".join)
+
+
+@settings(max_examples=3000)
+@given(crlf_lines, st.lists(st.integers(min_value=0, max_value=200), max_size=6), st.integers(3, 12))
+def test_line_lengths_of_crlf_only_data_are_judged_alike_by_both_checks(
+    data: bytes, cuts: list[int], limit: int
+) -> None:
+    """_LineLengths.fit with crlf_only (one search per line's length) answers, piece by piece,
+    what the general check (every piece split into lines) does, and what it does for the whole."""
+    general, quick = _LineLengths(limit), _LineLengths(limit)
+    fits = True
+    for piece in _split(data, cuts):
+        fits = general.fit(piece)
+        assert quick.fit(piece, crlf_only=True) == fits
+        if not fits:
+            break
+    assert fits == _LineLengths(limit).fit(data)
 
 
 def test_line_endings_examples() -> None:

@@ -305,17 +305,18 @@ class SubmissionSMTP(SMTP):
                 return None
             if piece:
                 size += len(piece)
-                if refusal is None and not lines.fit(piece):
-                    refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
-                if refusal is None and limit and size > limit:
-                    refusal = "552 Error: Too much mail data"
                 if refusal is None:
                     # Per piece, not over the whole message at its end (a 25 MiB message's replace
                     # held the event loop ~30 ms, every other session waiting).
                     unstuffed = _unstuffed(piece, tail)
-                    endings.feed(unstuffed)
-                    pieces.append(unstuffed)
-                else:
+                    crlf_only = endings.feed(unstuffed)  # unstuffing moves no CR or LF
+                    if not lines.fit(piece, crlf_only=crlf_only):
+                        refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
+                    elif limit and size > limit:
+                        refusal = "552 Error: Too much mail data"
+                    else:
+                        pieces.append(unstuffed)
+                if refusal is not None:
                     pieces.clear()
                 tail = (tail + piece[-2:])[-2:]
                 budget = self._policy.bulk_data
@@ -381,6 +382,8 @@ class _Data:
 def _unstuffed(piece: bytes, before: bytes) -> bytes:
     """RFC 5321 4.5.2: a line starting with a dot loses that dot. ``before``: the two octets read
     before ``piece`` (CRLF when ``piece`` starts the data), for a CRLF "." split between pieces."""
+    if b"." not in piece:  # found (or not) at memchr's speed: most blocks of a large message
+        return piece
     if before == b"\r\n" and piece.startswith(b"."):
         piece = piece[1:]
     elif before.endswith(b"\r") and piece.startswith(b"\n."):
@@ -397,7 +400,11 @@ class _LineLengths:
         self._run = 0  # octets of the line not yet ended, its CR included if it is the last
         self._after_cr = False
 
-    def fit(self, piece: bytes) -> bool:
+    def fit(self, piece: bytes, *, crlf_only: bool = False) -> bool:
+        """Whether the lines read so far, ``piece`` included, are within the limit. ``crlf_only``:
+        no lone CR or LF has been read, ``piece`` included, so that every LF ends a line."""
+        if crlf_only:
+            return self._fit_crlf_only(piece)
         if self._after_cr and piece.startswith(b"\n"):  # a CRLF split between two pieces
             fits = self._run + 1 <= self._limit
             self._run, piece = 0, piece[1:]
@@ -413,6 +420,23 @@ class _LineLengths:
         self._after_cr = piece.endswith(b"\r")
         # A line not yet ended is too long once it is longer than a line with its CRLF may be.
         return fits and self._run - self._after_cr + 2 <= self._limit
+
+    def _fit_crlf_only(self, piece: bytes) -> bool:
+        # From the start of the line being read, the last LF within a line's length ends a line
+        # that fits; none there, and the line is too long. One search per ~limit octets, not a list
+        # of every line. Measured per 64 KiB of 78-octet lines: 6 µs; splitting it into lines, 67.
+        limit, end = self._limit, len(piece)
+        start = -self._run  # where the line being read began (in an earlier piece if negative)
+        while start + limit < end:
+            lf = piece.rfind(b"\n", max(start, 0), start + limit)
+            if lf < 0:
+                return False
+            start = lf + 1
+        lf = piece.rfind(b"\n", max(start, 0))
+        if lf >= 0:
+            start = lf + 1
+        self._run, self._after_cr = end - start, piece.endswith(b"\r")
+        return self._run - self._after_cr + 2 <= limit
 
 
 def _is_non_ascii_size(word: str) -> bool:

@@ -19,7 +19,8 @@ import asyncpg
 import httpx
 from sqlalchemy import Connection, make_url
 
-from poweremail.store import owners
+from poweremail.keyring import Keyring
+from poweremail.store import owners, smtp_users
 from poweremail.store.database import Database
 from poweremail.store.delivery_queue import load_messages
 
@@ -259,3 +260,18 @@ def stored_bodies(conn: Connection, message_ids: Collection[int]) -> dict[int, b
 def create_owner(database_url: str) -> Owner:
     owner = store_write(database_url, lambda conn: owners.create_owner(conn, name="test"))
     return Owner(owner.owner_id, owner.token)
+
+
+def new_owner_with_user(
+    conn: Connection, keyring: Keyring, *, total_limit: int, hourly_limit: int, name: str | None = None
+) -> tuple[owners.NewOwner, int, str]:
+    """An owner with one SMTP user, made in ``conn``'s transaction: the owner, the user's id and name."""
+    owner = owners.create_owner(conn, name=name)
+    owner_pk = owners.authenticate_owner(conn, owner_id=owner.owner_id, token=owner.token)
+    assert owner_pk is not None
+    user_name, _ = smtp_users.create_smtp_user(
+        conn, owner_pk=owner_pk, keyring=keyring, total_limit=total_limit, hourly_limit=hourly_limit
+    )
+    user_id = smtp_users.find_smtp_user_id(conn, owner_pk=owner_pk, name=user_name)
+    assert user_id is not None
+    return owner, user_id, user_name

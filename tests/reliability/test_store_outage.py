@@ -35,7 +35,7 @@ from poweremail.errors import GeneralError
 from poweremail.keyring import Keyring
 from poweremail.services import Services
 from poweremail.smtp import replies
-from poweremail.store import delivery_queue, messages, owners, smtp_users
+from poweremail.store import delivery_queue, messages
 from poweremail.store.database import Database, Work
 from poweremail.store.schema import recipients
 from tests.delivery.receiver import Receiver
@@ -51,7 +51,7 @@ from tests.reliability.proxy import TcpProxy
 from tests.reliability.store_faults import store_fault
 from tests.smtp.helpers import add_smtp_user
 from tests.smtp.letters import Outcome, assert_queued_as_acknowledged, assert_whole, queued_messages
-from tests.support import create_owner
+from tests.support import create_owner, new_owner_with_user
 
 T = TypeVar("T")
 
@@ -291,14 +291,7 @@ class _FlakyStore(Database):
 
 
 def _queue_one_message(conn: Connection, keyring: Keyring) -> None:
-    owner = owners.create_owner(conn, name="outage")
-    owner_pk = owners.authenticate_owner(conn, owner_id=owner.owner_id, token=owner.token)
-    assert owner_pk is not None
-    name, _ = smtp_users.create_smtp_user(
-        conn, owner_pk=owner_pk, keyring=keyring, total_limit=10, hourly_limit=10
-    )
-    user_id = smtp_users.find_smtp_user_id(conn, owner_pk=owner_pk, name=name)
-    assert user_id is not None
+    _, user_id, _ = new_owner_with_user(conn, keyring, total_limit=10, hourly_limit=10, name="outage")
     queued = messages.queue_message(
         conn, smtp_user_id=user_id, credential_version=1, queue_id="OUTAGE0000000001",
         mail_from="app@sender.test", rcpt_tos=["ann@example.test"],

@@ -15,7 +15,7 @@ from poweremail.store import messages, owners, smtp_users
 from poweremail.store.schema import smtp_users as smtp_users_table
 from poweremail.store.smtp_users import SmtpUserListing
 from tests.store.test_time import _migrate
-from tests.support import run, store_write
+from tests.support import new_owner_with_user, run, store_write
 
 
 def _send(conn: Connection, user_id: int, recipients: int, at: datetime) -> None:
@@ -153,14 +153,7 @@ def test_a_remembered_listing_follows_every_change(database_url: str, tmp_path: 
     now = datetime.now(UTC)
 
     def scenario(conn: Connection) -> tuple[list[SmtpUserListing], str]:
-        owner = owners.create_owner(conn)
-        owner_pk = owners.authenticate_owner(conn, owner_id=owner.owner_id, token=owner.token)
-        assert owner_pk is not None
-        name, _ = smtp_users.create_smtp_user(
-            conn, owner_pk=owner_pk, keyring=keyring, total_limit=50, hourly_limit=20
-        )
-        user_id = smtp_users.find_smtp_user_id(conn, owner_pk=owner_pk, name=name)
-        assert user_id is not None
+        owner, user_id, name = new_owner_with_user(conn, keyring, total_limit=50, hourly_limit=20)
 
         def listed() -> SmtpUserListing:
             listing = smtp_users.list_owner_smtp_users(

@@ -76,6 +76,8 @@ def test_line_lengths_of_crlf_only_data_are_judged_alike_by_both_checks(
         assert quick.fit(piece, crlf_only=True) == fits
         if not fits:
             break
+        # The same state, so that a message can go on the general way after a lone CR or LF.
+        assert (quick._run, quick._after_cr) == (general._run, general._after_cr)
     assert fits == _LineLengths(limit).fit(data)
 
 

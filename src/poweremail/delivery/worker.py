@@ -50,6 +50,12 @@ logger = logging.getLogger("poweremail.delivery")
 # Recipients claimed ahead of free transaction slots, per slot: enough to keep every slot busy
 # between two claims, few enough that little sits leased and waiting.
 _CLAIM_AHEAD = 2
+# Woken by newly queued mail, the worker lets more arrive for this long before it claims: one claim
+# then takes what several acceptance batches queued. Measured (SQLite, 20 sessions sending 1 KB on
+# reused connections, delivering to smtp-sink; 8 alternating pairs of 10 s): claims 180 -> 58 a
+# second in the one writer, messages accepted 18.3k -> 20.3k (medians; ahead in 7 pairs of 8).
+# Mail waits 10 ms more before it is sent; at most 100 claims a second is far more than needed.
+_CLAIM_GATHER = 0.01
 # How long apart an outcome that could not be recorded (the store is away) is tried again; the last
 # delay repeats for as long as the node runs. The lease may lapse meanwhile: the record still counts
 # unless another worker took the recipient since (it may then be sent twice, never lost).
@@ -166,6 +172,8 @@ class DeliveryWorker:
                     if sum(len(job) for job in jobs) == room:
                         continue  # a full claim: more may be due right now
                 await self._wait_for_work(stop, room_left=room > 0)
+                if self._services.mail_queued.is_set() and not stop.is_set():
+                    await asyncio.sleep(_CLAIM_GATHER)
         finally:
             await self._finish(background)
 

@@ -17,11 +17,17 @@ Batch = list[tuple[Item, "asyncio.Future[Result]"]]
 
 class Batches(Generic[Item, Result]):
     def __init__(
-        self, handle: Callable[[Batch[Item, Result]], Awaitable[None]], *, max_batch: int, name: str
+        self,
+        handle: Callable[[Batch[Item, Result]], Awaitable[None]],
+        *,
+        max_batch: int,
+        name: str,
+        gather: float = 0.0,
     ) -> None:
         self._handle = handle
         self._max_batch = max_batch
         self._name = name
+        self._gather = gather  # seconds the first caller of a quiet moment waits for company
         self._waiting: deque[tuple[Item, asyncio.Future[Result]]] = deque()
         self._handling: asyncio.Task[None] | None = None
 
@@ -33,6 +39,8 @@ class Batches(Generic[Item, Result]):
         return await future
 
     async def _handle_batches(self) -> None:
+        if self._gather:
+            await asyncio.sleep(self._gather)
         while self._waiting:
             batch: Batch[Item, Result] = []
             while self._waiting and len(batch) < self._max_batch:

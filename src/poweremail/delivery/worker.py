@@ -139,7 +139,10 @@ class DeliveryWorker:
         # Outcomes of transactions that end together are recorded in one store transaction
         # (measured on PostgreSQL: a transaction per message was most of delivery's store time).
         self._records: Batches[_Record, None] = Batches(
-            self._record_outcomes, max_batch=settings.delivery_concurrency, name="delivery-records"
+            self._record_outcomes,
+            max_batch=settings.delivery_concurrency,
+            name="delivery-records",
+            gather=_CLAIM_GATHER,
         )
         self._lease = timedelta(seconds=settings.delivery_lease)
         self._in_hand: set[int] = set()  # recipient ids leased to us and not yet recorded

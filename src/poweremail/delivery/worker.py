@@ -137,7 +137,9 @@ class DeliveryWorker:
             self._load_messages, max_batch=settings.delivery_concurrency, name="delivery-reads"
         )
         # Outcomes of transactions that end together are recorded in one store transaction
-        # (measured on PostgreSQL: a transaction per message was most of delivery's store time).
+        # (measured on PostgreSQL: a transaction per message was most of delivery's store time),
+        # gathered as claims are (SQLite, the load of _CLAIM_GATHER's note: 170 -> 80 record
+        # transactions a second; accepted messages 19.0k -> 19.7k, medians of 6 alternating pairs).
         self._records: Batches[_Record, None] = Batches(
             self._record_outcomes,
             max_batch=settings.delivery_concurrency,

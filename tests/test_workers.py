@@ -1,6 +1,7 @@
 """``poweremail serve --workers 2`` (issue 5): two processes share the node's ports, on SQLite and on
 PostgreSQL. Limits stay exact across them, both really serve, SIGTERM stops both gracefully, a worker
-that is killed is started again, and one that keeps dying stops the node with one line."""
+that is killed is started again, and one that keeps dying stops the node with one line. With
+``--delivery-workers``, delivery runs in processes of its own and starts at once all the same."""
 
 from __future__ import annotations
 
@@ -229,6 +230,63 @@ def test_a_worker_that_keeps_dying_stops_the_node_with_one_line(database_url: st
         " SIGKILL); stopping"
     ), log[-2000:]
     assert "[worker 2]: stopped" in log  # the other one was stopped gracefully
+
+
+def test_delivery_workers_deliver_at_once_and_the_others_do_not_deliver(
+    database_url: str, tmp_path: Path
+) -> None:
+    # A poll interval longer than the test: only the doorbell can wake the delivery worker in time.
+    split = ("--workers", "1", "--delivery-workers", "1", "--node-name", "split")
+    slow_poll = ("--delivery-poll-interval", "600")
+    with Receiver() as relay:
+        node = ServerProcess(
+            data_dir=tmp_path / "data",
+            database_url=database_url,
+            log_path=tmp_path / "serve.log",
+            roles="api,smtp,delivery",
+            extra_args=(*split, *slow_poll, "--relay", relay.address, "--relay-tls", "none"),
+        ).start()
+        try:
+            _wait_until_running(node, {1: 1, 2: 1})
+            log = node.log()
+            assert "[worker 1]: PowerEmail node running roles api,smtp on" in log, log
+            assert "[worker 2]: PowerEmail node running roles delivery on" in log, log
+            assert "[worker 2]: delivery through the relay" in log and "[worker 1]: delivery" not in log
+            user = add_smtp_user(node, create_owner(node.database_url))
+            for round_ in range(3):  # the bell rings again after it was answered
+                with connect(node.smtp_port, user) as client:
+                    assert transact(client, Letter.to(2)).reply.startswith("250 ")
+                relay.wait_for_recipients(2 * (round_ + 1), timeout=10)
+        finally:
+            _stop(node)
+        assert node.process is not None and node.process.returncode == 0
+        assert "[worker 2]: stopped" in node.log()
+
+
+@pytest.mark.parametrize(
+    ("roles", "complaint"),
+    [
+        ("api,smtp", "--delivery-workers needs the delivery role in --roles"),
+        ("delivery", "--delivery-workers leaves --workers nothing to do; use --workers alone"),
+    ],
+)
+def test_delivery_workers_without_work_are_one_line(tmp_path: Path, roles: str, complaint: str) -> None:
+    result = poweremail("serve", "--data-dir", str(tmp_path), "--roles", roles, "--delivery-workers", "1")
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        f"poweremail: bad settings: {complaint}"
+    ]
+
+
+@pytest.mark.parametrize("value", ["-1", "65", "1.0", "one"])
+def test_bad_delivery_worker_counts_are_one_line(tmp_path: Path, value: str) -> None:
+    result = poweremail(
+        "serve", "--data-dir", str(tmp_path), env=clean_env(POWEREMAIL_DELIVERY_WORKERS=value)
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        "poweremail: bad value for --delivery-workers (or POWEREMAIL_DELIVERY_WORKERS): "
+    ), lines
 
 
 @pytest.mark.parametrize("value", ["0", "65", "2.0", "two", ""])

@@ -20,6 +20,7 @@ import pydantic_settings
 
 from poweremail import __version__
 from poweremail.config import COMMON_FIELDS, Settings, load_settings
+from poweremail.doorbell import Doorbell
 from poweremail.keyring import DecryptionError, Keyring, KeyringError
 from poweremail.listeners import ListenError, describe
 from poweremail.services import DataDirError, Services, open_services
@@ -125,33 +126,48 @@ async def _serve(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def _serve_workers(settings: Settings) -> int:
-    """``serve --workers N``: bind and prepare once here, then N processes run the node (supervisor)."""
+    """``serve --workers N [--delivery-workers M]``: bind and prepare once here, then N + M processes
+    run the node (supervisor)."""
     from poweremail.node import bind_all, prepare_node, raise_open_file_limit, run_node, worker_settings
 
     raise_open_file_limit()
     sockets = bind_all(settings, shared=True)
+    doorbell = Doorbell() if settings.delivery_workers else None
     try:
         asyncio.run(prepare_node(settings))
 
         def run_worker(index: int) -> int:
             _configure_logging(settings, label=worker_label(index))
+            own = worker_settings(settings, index)
+            listening = sockets
+            if own.roles == ("delivery",):  # a delivery worker accepts nothing: not even a copy
+                _close_all(sockets)
+                listening = {}
             try:
-                asyncio.run(run_node(worker_settings(settings, index), sockets=sockets))
+                asyncio.run(run_node(own, sockets=listening, doorbell=doorbell))
             except ONE_LINE_ERRORS as exc:
                 print(f"poweremail: {worker_label(index)}: {exc}", file=sys.stderr)
                 return EXIT_FAILURE
             return 0
 
         ports = ", ".join(describe(sock) for sock in sockets.values()) or "no port"
-        logging.getLogger("poweremail").info("starting %d worker processes on %s", settings.workers, ports)
+        delivering = settings.delivery_workers
+        logging.getLogger("poweremail").info(
+            "starting %d worker processes on %s%s",
+            settings.workers,
+            ports,
+            f" and {delivering} delivery worker process(es)" if delivering else "",
+        )
         return supervise(
-            workers=settings.workers,
+            workers=settings.workers + settings.delivery_workers,
             run_worker=run_worker,
             on_stop=lambda: _close_all(sockets),
             shutdown_grace=settings.shutdown_grace,
         )
     finally:
         _close_all(sockets)
+        if doorbell is not None:
+            doorbell.close()
 
 
 def _close_all(sockets: dict[str, socket.socket]) -> None:
@@ -276,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings_from(args)
         _configure_logging(settings)
-        if args.run is _serve and settings.workers > 1:
+        if args.run is _serve and (settings.workers > 1 or settings.delivery_workers):
             return _serve_workers(settings)  # forks: no event loop may be running here
         command: Command = args.run
         return asyncio.run(command(settings, args))

@@ -17,13 +17,14 @@ import logging
 import resource
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
 from poweremail.api.app import create_app
 from poweremail.config import Settings
 from poweremail.delivery.worker import DeliveryWorker
+from poweremail.doorbell import Doorbell
 from poweremail.listeners import TakeTurnsSocket, bind_tcp, describe
 from poweremail.services import Services, open_services
 from poweremail.smtp.server import SubmissionServers, start_smtp_servers
@@ -127,13 +128,20 @@ async def prepare_node(settings: Settings) -> None:
 
 
 def worker_settings(settings: Settings, index: int) -> Settings:
-    """The settings of worker ``index`` of a node: its own delivery worker name, so a worker that is
-    started again resumes its own claims at once (and no other worker's)."""
-    return settings.model_copy(update={"node_name": f"{settings.node_name}-{index}"})
+    """The settings of worker ``index`` (1 to workers + delivery_workers) of a node: its own delivery
+    worker name, so a worker that is started again resumes its own claims at once (and no other
+    worker's); with ``--delivery-workers``, the first ``workers`` leave delivery to the others."""
+    roles = settings.roles
+    if settings.delivery_workers:
+        roles = ("delivery",) if index > settings.workers else tuple(r for r in roles if r != "delivery")
+    return settings.model_copy(update={"node_name": f"{settings.node_name}-{index}", "roles": roles})
 
 
-async def run_node(settings: Settings, *, sockets: dict[str, socket.socket] | None = None) -> None:
-    """Run the node until SIGINT/SIGTERM; ``sockets``: already bound (by bind_all), e.g. inherited."""
+async def run_node(
+    settings: Settings, *, sockets: dict[str, socket.socket] | None = None, doorbell: Doorbell | None = None
+) -> None:
+    """Run the node until SIGINT/SIGTERM; ``sockets``: already bound (by bind_all), e.g. inherited;
+    ``doorbell``: shared with the node's other workers when delivery runs in processes of its own."""
     open_files = raise_open_file_limit()
     if sockets is None:
         sockets = bind_all(settings)
@@ -146,6 +154,8 @@ async def run_node(settings: Settings, *, sockets: dict[str, socket.socket] | No
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
     tasks: list[asyncio.Task[None]] = []
+    ringing: asyncio.Task[None] | None = None  # the doorbell, for as long as sessions may queue mail
+    stop_listening: Callable[[], object] | None = None
     api_server: _ApiServer | None = None
     smtp_servers: SubmissionServers | None = None
     try:
@@ -160,7 +170,12 @@ async def run_node(settings: Settings, *, sockets: dict[str, socket.socket] | No
             )
             sweep = sweep_unclaimed_parts(services.database, stop)
             tasks.append(asyncio.create_task(sweep, name="unclaimed-parts"))
+            if doorbell is not None and "delivery" not in settings.roles:
+                ringing = asyncio.create_task(doorbell.forward(services.mail_queued), name="doorbell")
+                tasks.append(ringing)
         if "delivery" in settings.roles:
+            if doorbell is not None:
+                stop_listening = doorbell.listen(services.mail_queued)
             worker = DeliveryWorker(services)
             tasks.append(asyncio.create_task(worker.run(stop), name="delivery"))
             logger.info(
@@ -195,7 +210,11 @@ async def run_node(settings: Settings, *, sockets: dict[str, socket.socket] | No
             cut_off = await smtp_servers.stop(grace=settings.shutdown_grace)
             if cut_off:
                 logger.warning("closed %d SMTP session(s) still in a transaction (no 250 sent)", cut_off)
+        if ringing is not None:
+            ringing.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if stop_listening is not None:
+            stop_listening()
         await services.close()
         logger.info("stopped")
         for sig in (signal.SIGINT, signal.SIGTERM):

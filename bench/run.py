@@ -1,6 +1,6 @@
 """Every benchmark of issue 5 in one go, and one table of all their targets.
 
-    python bench/run.py [--postgresql URL] [--quick] [--only smtp,workers,delivery,api,scale]
+    python bench/run.py [--postgresql URL] [--quick] [--only smtp,workers,split,delivery,api,scale]
 
 Needs the bench extra (``pip install -e '.[bench]'``: py-spy for the profile, httpx), ``wrk`` for the
 API benchmark (``apt-get install wrk``) and Postfix's ``smtp-sink`` (installed on first use as root).
@@ -11,6 +11,8 @@ Runs, one after the other (never two at once: each needs the machine to itself):
   what it accepts to a local smtp-sink (target 1), SQLite and PostgreSQL -> docs/benchmarks/smtp.md
 - ``bench/smtp.py --deliver --workers 2``: the same with two worker processes (target 2)
   -> docs/benchmarks/smtp-workers-2.md
+- ``bench/smtp.py --deliver --delivery-workers 1``: the same with delivery in a process of its own
+  beside one SMTP worker (``serve --delivery-workers 1``) -> docs/benchmarks/smtp-delivery-workers-1.md
 - ``bench/delivery.py``: the queue drains as fast as it fills (target 3) -> docs/benchmarks/delivery.md
 - ``bench/api.py``: listSmtp against a bare endpoint, p99 at 64 connections (target 4)
   -> docs/benchmarks/api.md
@@ -66,6 +68,21 @@ def steps(args: argparse.Namespace) -> dict[str, tuple[list[str], Path]]:
             ],
             REPORTS / "smtp-workers-2.md",
         ),
+        "split": (
+            [
+                "smtp.py",
+                "--deliver",
+                "--delivery-workers",
+                "1",
+                "--quiet-wait",
+                "60",
+                *stores,
+                *quick,
+                "--report",
+                str(REPORTS / "smtp-delivery-workers-1.md"),
+            ],
+            REPORTS / "smtp-delivery-workers-1.md",
+        ),
         "delivery": (["delivery.py", "--quiet-wait", "60", *stores, *quick], REPORTS / "delivery.md"),
         "api": (["api.py", *quick], REPORTS / "api.md"),
         "scale": (
@@ -112,7 +129,7 @@ def main() -> int:
         "--postgresql", default=DEFAULT_POSTGRESQL, help=f"server URL (default {DEFAULT_POSTGRESQL})"
     )
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs: a smoke test")
-    parser.add_argument("--only", help="comma-separated: smtp,workers,delivery,api,scale (default all)")
+    parser.add_argument("--only", help="comma-separated: smtp,workers,split,delivery,api,scale (default all)")
     parser.add_argument(
         "--table-only", action="store_true", help="run nothing: the table from the summaries already written"
     )

@@ -2,6 +2,7 @@
 
     python bench/smtp.py [--runs 3] [--duration 8] [--sessions 20] [--database-url URL ...]
                          [--shared-smtp-user] [--quiet-wait SECONDS] [--profile] [--workers N]
+                         [--deliver [--delivery-workers M]]
 
 Starts bench/bare_smtp.py (aiosmtpd on the same event-loop setup, AUTH PLAIN checked in memory, every
 message discarded with 250) and ``poweremail serve --roles api,smtp`` (a fresh store: SQLite in a
@@ -713,6 +714,8 @@ def bench_store(store: str, args: argparse.Namespace, work: Path, bare: Target, 
             "--smtps-port", str(smtps_port), "--max-connections-per-address", "1000",
             "--log-level", "WARNING", "--workers", str(args.workers),
         )  # fmt: skip
+        if args.delivery_workers:
+            serve += ["--delivery-workers", str(args.delivery_workers)]
 
         def ready() -> bool:
             return greets(smtp_port) and api_answers(api_port)
@@ -813,7 +816,7 @@ def summary_rows(rows: list[Row], args: argparse.Namespace) -> list[dict[str, An
     """The figures bench/run.py puts in its one table (docs/benchmarks/smtp.json)."""
     setup = (
         "with delivery" if args.deliver else "no delivery"
-    ) + f", {getattr(args, 'workers', 1)} process(es)"
+    ) + f", {getattr(args, 'workers', 1) + getattr(args, 'delivery_workers', 0)} process(es)"
     return [
         {
             "target": f"SMTP acceptance, {store_label(r.store)}, {r.mode} connection, {r.size} ({setup})",
@@ -938,7 +941,7 @@ Made by `python bench/smtp.py` (see its docstring); rerun it to refresh this fil
 of message (headers included)
 - Stores: {stores_text(args.database_url)}; {users}
 - Servers: `poweremail serve --roles {roles} --max-connections-per-address 1000 --log-level WARNING \
---workers {args.workers}`
+--workers {args.workers}{delivery_workers_flag(args)}`
   (AUTH PLAIN on the plaintext submission port, allowed from loopback; 250 only once the message and
   its count are committed to the store){delivery} and `bench/bare_smtp.py`:
   aiosmtpd on the same event-loop setup (`loop.create_server` in `asyncio.run`, same size limit,
@@ -995,12 +998,22 @@ def source_version() -> str:
 
 
 def workers_text(args: argparse.Namespace) -> str:
+    if args.delivery_workers:
+        return (
+            f" (PowerEmail: {args.workers} worker process(es) serving the API and SMTP and"
+            f" {args.delivery_workers} delivering, their CPU added up in its server CPU, each one's in the"
+            " terminal's progress lines)"
+        )
     if args.workers == 1:
         return ""
     return (
         f" (PowerEmail: {args.workers} worker processes sharing its ports, their CPU added up in"
         " its server CPU, each worker's in the terminal's progress lines)"
     )
+
+
+def delivery_workers_flag(args: argparse.Namespace) -> str:
+    return f" --delivery-workers {args.delivery_workers}" if args.delivery_workers else ""
 
 
 def quiet_text(args: argparse.Namespace) -> str:
@@ -1085,6 +1098,12 @@ def parse_args() -> argparse.Namespace:
         help="PowerEmail's `serve --workers N`: worker processes sharing its ports (default 1)",
     )
     parser.add_argument(
+        "--delivery-workers",
+        type=int,
+        default=0,
+        help="with --deliver: `serve --delivery-workers M`, processes that only deliver (default 0)",
+    )
+    parser.add_argument(
         "--report", type=Path, default=REPORT_PATH, help=f"markdown output (default {REPORT_PATH})"
     )
     args = parser.parse_args()
@@ -1099,6 +1118,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--runs, --sessions and --client-processes must be >= 1; --duration and --warmup > 0")
     if not 1 <= args.workers <= 64:
         parser.error("--workers must be from 1 to 64")
+    if args.delivery_workers and not args.deliver:
+        parser.error("--delivery-workers needs --deliver")
     if args.client_processes > args.sessions:
         parser.error("--client-processes cannot exceed --sessions")
     if args.profile and shutil.which(py_spy()) is None:

@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from _machine import cpu_model, machine_cpu, own_cpu, process_cpu
+from _machine import child_pids, cpu_model, machine_cpu, own_cpu, process_cpu
 from _receiver import SMTP_SINK_SETUP, Receiver, find_smtp_sink, install_smtp_sink
 from _servers import free_port, running, stop_process
 from sqlalchemy import make_url
@@ -214,7 +214,7 @@ class Setting:
     """How one PowerEmail server runs: acceptance alone (None), or delivering with these limits."""
 
     delivery: tuple[int, int] | None  # (--delivery-concurrency, --max-connections-per-destination)
-    # Delivery in a second process (`--roles delivery` on the same store) beside `--roles api,smtp`.
+    # Delivery in a process of its own: `serve --workers 1 --delivery-workers 1`.
     separate: bool = False
 
     @property
@@ -239,7 +239,6 @@ class Server:
     log_path: Path
     data_dir: Path
     database_url: str
-    companion_pid: int | None = None  # the delivery process of a separate setting
 
 
 def delivery_flags(delivery: tuple[int, int], receiver: Receiver, node: str) -> list[str]:
@@ -266,31 +265,21 @@ def poweremail_server(
             "--api-port", str(api_port), "--smtp-port", str(smtp_port), "--smtps-port", str(smtps_port),
             "--max-connections-per-address", "1000", "--log-level", "WARNING",
         )  # fmt: skip
-        companion: list[str] = []
         if setting.delivery is None:
             serve += ["--roles", BASELINE]
-        elif setting.separate:
-            serve += ["--roles", BASELINE]
-            companion = poweremail_command(
-                "serve", "--data-dir", str(data_dir), "--database-url", database_url, "--roles", "delivery",
-                "--log-level", "WARNING", *delivery_flags(setting.delivery, receiver, f"bench-{index}"),
-            )  # fmt: skip
         else:
             serve += [
                 "--roles",
                 "api,smtp,delivery",
                 *delivery_flags(setting.delivery, receiver, f"bench-{index}"),
             ]
+            if setting.separate:
+                serve += ["--workers", "1", "--delivery-workers", "1"]
 
         def ready() -> bool:
             return greets(smtp_port) and api_answers(api_port)
 
-        with contextlib.ExitStack() as processes:
-            process = processes.enter_context(running(serve, log_path, ready))
-            companion_pid = None
-            if companion:
-                companion_log = log_path.with_name(f"{log_path.stem}-delivery.log")
-                companion_pid = processes.enter_context(running(companion, companion_log, lambda: True)).pid
+        with running(serve, log_path, ready) as process:
             api = PowerEmailApi(api_port, owner)
             reader = StoreReader(database_url)
             try:
@@ -304,7 +293,6 @@ def poweremail_server(
                     log_path,
                     data_dir,
                     database_url,
-                    companion_pid,
                 )
             finally:
                 reader.close()
@@ -335,10 +323,10 @@ class Cpu:
         return cls(
             machine=machine,
             steal=steal,
+            # With --delivery-workers the server is a supervisor: its workers are its children.
             server=process_cpu(pid)
             if pid is not None
-            else process_cpu(server.pid)
-            + (process_cpu(server.companion_pid) if server.companion_pid else 0.0),
+            else process_cpu(server.pid) + sum(map(process_cpu, child_pids(server.pid))),
             database={pid: process_cpu(pid) for pid in backends},
             receiver=process_cpu(receiver.pid),
             ours=own_cpu(),
@@ -1267,8 +1255,8 @@ on reused logged-in connections in {args.client_processes} load-generator proces
   `poweremail serve --roles api,smtp,delivery --relay 127.0.0.1:PORT --relay-tls none`; all with
   `--max-connections-per-address 1000 --log-level WARNING`. One process each, one event loop: the SMTP
   server and the delivery worker share it (and the GIL with the store's threads).
-  "in a 2nd process": the delivery runs in a `--roles delivery` process on the same store beside
-  `--roles api,smtp` (`--delivery C:N:separate`).
+  "in a 2nd process": the same with `--workers 1 --delivery-workers 1`: delivery in a process of its
+  own beside the one serving the API and SMTP (`--delivery C:N:separate`; their CPU added up).
 - One delivering server at a time (started for its setting, a store of its own), beside the baseline.
   Each run, in this order: the baseline under the load; then *delivery alone*: a `poweremail serve
   --roles delivery` node (same flags) started on the baseline's store, timed while it empties the queue

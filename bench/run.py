@@ -13,7 +13,8 @@ Runs, one after the other (never two at once: each needs the machine to itself):
   -> docs/benchmarks/smtp-workers-2.md
 - ``bench/smtp.py --deliver --delivery-workers 1``: the same with delivery in a process of its own
   beside one SMTP worker (``serve --delivery-workers 1``) -> docs/benchmarks/smtp-delivery-workers-1.md
-- ``bench/delivery.py``: the queue drains as fast as it fills (target 3) -> docs/benchmarks/delivery.md
+- ``bench/delivery.py --delivery 50:10 --delivery 50:10:separate``: the queue drains as fast as it
+  fills (target 3), delivery in the SMTP process and in one of its own -> docs/benchmarks/delivery.md
 - ``bench/api.py``: listSmtp against a bare endpoint, p99 at 64 connections (target 4)
   -> docs/benchmarks/api.md
 - ``bench/scale.py``: costs with 1,000,000 SMTP users, memory of idle sessions, a 25 MiB upload
@@ -43,6 +44,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPORTS = BENCH_DIR.parent / "docs" / "benchmarks"
 DEFAULT_POSTGRESQL = "postgresql://postgres@127.0.0.1:5432/test"
 QUICK = ["--runs", "1", "--duration", "3"]
+# Delivery in the SMTP process (the default) and in one of its own (serve --delivery-workers 1).
+DELIVERY_SETTINGS = ["--delivery", "50:10", "--delivery", "50:10:separate"]
 
 
 def steps(args: argparse.Namespace) -> dict[str, tuple[list[str], Path]]:
@@ -83,7 +86,10 @@ def steps(args: argparse.Namespace) -> dict[str, tuple[list[str], Path]]:
             ],
             REPORTS / "smtp-delivery-workers-1.md",
         ),
-        "delivery": (["delivery.py", "--quiet-wait", "60", *stores, *quick], REPORTS / "delivery.md"),
+        "delivery": (
+            ["delivery.py", *DELIVERY_SETTINGS, "--quiet-wait", "60", *stores, *quick],
+            REPORTS / "delivery.md",
+        ),
         "api": (["api.py", *quick], REPORTS / "api.md"),
         "scale": (
             ["scale.py", "--database-url", args.postgresql, *(["--quick"] if args.quick else [])],

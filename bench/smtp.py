@@ -63,7 +63,7 @@ from typing import Any
 
 import asyncpg
 import httpx
-from _machine import cpu_model, machine_cpu, own_cpu, process_cpu
+from _machine import child_pids, cpu_model, machine_cpu, own_cpu, process_cpu
 from _receiver import SMTP_SINK_SETUP, Receiver, find_smtp_sink, install_smtp_sink
 from _servers import (  # bench/ is on sys.path: scripts run as python bench/X.py
     BARE_PASSWORD,
@@ -347,17 +347,6 @@ class CpuSnapshot:
     def database_since(self, before: CpuSnapshot) -> float:
         # A backend that started during the measurement counts from zero; one that ended is lost.
         return sum(cpu - before.database.get(pid, 0.0) for pid, cpu in self.database.items())
-
-
-def child_pids(pid: int) -> list[int]:
-    """The live child processes of ``pid``: the workers of ``poweremail serve --workers N``."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    children.append(int(entry.name))
-    return children
 
 
 # --- load -------------------------------------------------------------------------------------

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from poweremail.domain.limits import OverLimit, Usage
 from poweremail.store import messages, owners
-from poweremail.store.schema import smtp_users
+from poweremail.store.schema import message_contents, recipients, smtp_users
 from tests.store.test_time import _migrate
 from tests.support import run, store_read, store_write
 
@@ -125,6 +126,23 @@ def test_a_batch_gives_the_outcomes_of_queueing_one_after_the_other(database_url
             .order_by(messages.messages.c.id)
         ).all()
         totals = [conn.execute(sa_select_total(user_id)).scalar_one() for user_id in (first, second)]
+        # Each message's content and recipients hang on its own row (the ids come back by queue id).
+        stored = {
+            queue_id: (len(data), recipient_count)
+            for queue_id, data, recipient_count in conn.execute(
+                sa.select(
+                    messages.messages.c.queue_id,
+                    message_contents.c.data,
+                    sa.select(sa.func.count())
+                    .where(recipients.c.message_id == messages.messages.c.id)
+                    .scalar_subquery(),
+                )
+                .join(message_contents, message_contents.c.message_id == messages.messages.c.id)
+                .where(messages.messages.c.smtp_user_id.in_([first, second]))
+            )
+        }
+        assert stored == {f"QB{first}-1": (1, 2), f"QB{second}-2": (2, 3), f"QB{first}-3": (3, 2),
+                          f"QB{first}-5": (5, 1)}  # fmt: skip
         return outcomes, [tuple(row) for row in rows], totals
 
     outcomes, rows, totals = store_write(database_url, scenario)

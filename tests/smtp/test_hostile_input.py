@@ -492,11 +492,12 @@ def test_an_address_that_is_no_mailbox_is_refused_at_mail_and_rcpt(
     assert stored.data.count(b"\r") == stored.data.count(b"\n") == stored.data.count(b"\r\n")
 
 
-@pytest.mark.parametrize("address", ["a@", '""@', "\x00@"])
+@pytest.mark.parametrize("address", ["a@", '""@', "\x00@", "0@["])
 def test_an_address_with_nothing_after_the_at_is_malformed_not_a_server_error(
     target: Target, user: SmtpUser, address: str
 ) -> None:
-    """Python's address parser raises IndexError for these; aiosmtpd answered 451 with a traceback."""
+    """Python's address parser raises IndexError or AttributeError for these; aiosmtpd answered 451
+    with a traceback."""
     malformed = "553 5.1.3 Error: malformed address"
     with RawSMTP(target.smtp_port) as smtp:
         _login(smtp, user)

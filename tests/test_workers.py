@@ -235,17 +235,12 @@ def test_a_worker_that_keeps_dying_stops_the_node_with_one_line(database_url: st
 def test_delivery_workers_deliver_at_once_and_the_others_do_not_deliver(
     database_url: str, tmp_path: Path
 ) -> None:
+    split = ("--workers", "1", "--delivery-workers", "1")  # the later flag wins over _node's
     # A poll interval longer than the test: only the doorbell can wake the delivery worker in time.
-    split = ("--workers", "1", "--delivery-workers", "1", "--node-name", "split")
     slow_poll = ("--delivery-poll-interval", "600")
     with Receiver() as relay:
-        node = ServerProcess(
-            data_dir=tmp_path / "data",
-            database_url=database_url,
-            log_path=tmp_path / "serve.log",
-            roles="api,smtp,delivery",
-            extra_args=(*split, *slow_poll, "--relay", relay.address, "--relay-tls", "none"),
-        ).start()
+        relaying = ("--relay", relay.address, "--relay-tls", "none")
+        node = _node(database_url, tmp_path, *split, *slow_poll, *relaying, roles="api,smtp,delivery").start()
         try:
             _wait_until_running(node, {1: 1, 2: 1})
             log = node.log()

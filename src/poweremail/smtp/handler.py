@@ -86,6 +86,11 @@ def _identity(session: SubmissionSession) -> SmtpIdentity:
 
 
 class SubmissionHandler:
+    def __dir__(self) -> list[str]:
+        # As SubmissionSMTP.__dir__: aiosmtpd looks for the handler's auth_ and handle_ methods
+        # with inspect.getmembers and dir on every new connection.
+        return _HANDLER_HOOKS
+
     def __init__(
         self, *, services: Services, throttle: FailedLoginThrottle, user_throttle: UserLoginThrottle
     ) -> None:
@@ -360,3 +365,6 @@ class SubmissionHandler:
             return replies.LOCAL_ERROR
         logger.error("SMTP session error: %s", type(error).__name__, exc_info=error)
         return replies.LOCAL_ERROR
+
+
+_HANDLER_HOOKS = sorted(name for name in dir(SubmissionHandler) if name.startswith(("auth_", "handle_")))

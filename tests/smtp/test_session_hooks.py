@@ -5,6 +5,7 @@ full scan finds: every command, every AUTH mechanism (ours, not aiosmtpd's built
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import warnings
 
@@ -23,11 +24,17 @@ def test_a_session_finds_every_command_mechanism_and_hook_a_full_scan_finds() ->
     policy = ConnectionPolicy(
         max_connections_per_address=1, session_timeout=1.0, plaintext_auth_on_loopback=True, bulk_data=None
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # aiosmtpd warns about AUTH without TLS: not what is tested
-        session = SubmissionSMTP(
-            handler, policy=policy, implicit_tls=False, auth_required=True, auth_require_tls=True
-        )
+
+    async def build() -> SubmissionSMTP:
+        # In a running loop, which asyncio.run closes after: outside one, aiosmtpd would make an
+        # event loop of its own that nobody closes (its socketpair then leaks into a later test).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # aiosmtpd warns about AUTH without TLS: not what is tested
+            return SubmissionSMTP(
+                handler, policy=policy, implicit_tls=False, auth_required=True, auth_require_tls=True
+            )
+
+    session = asyncio.run(build())
 
     commands = _full_scan(session, "smtp_")
     assert set(session._smtp_methods) == {name.removeprefix("smtp_") for name in commands}

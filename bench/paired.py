@@ -68,9 +68,10 @@ class Side:
 @contextlib.contextmanager
 def importing(src: Path) -> Iterator[None]:
     """Children started in the block import PowerEmail from ``src`` (PYTHONPATH comes before the
-    editable install's path entry); the load generators, started outside, do not need it."""
+    editable install's path entry; a PYTHONPATH already set, say for a sitecustomize that
+    instruments the server, stays after it); the load generators, started outside, do not need it."""
     before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(src)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(src), *([before] if before else [])])
     try:
         yield
     finally:

@@ -39,6 +39,7 @@ from poweremail.services import Services
 from poweremail.smtp.message import new_queue_id
 from poweremail.store import delivery_queue
 from poweremail.store.delivery_queue import (
+    AttemptRecord,
     ClaimedRecipient,
     PlannedBounce,
     QueuedMessage,
@@ -60,15 +61,6 @@ _CLAIM_GATHER = 0.01
 # delay repeats for as long as the node runs. The lease may lapse meanwhile: the record still counts
 # unless another worker took the recipient since (it may then be sent twice, never lost).
 _RECORD_RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)
-
-
-@dataclass(frozen=True)
-class _Record:
-    """What one delivery transaction left to record: each recipient's outcome, a bounce to queue."""
-
-    now: datetime
-    outcomes: list[RecipientOutcome]
-    bounce: PlannedBounce | None
 
 
 @dataclass(frozen=True)
@@ -140,7 +132,7 @@ class DeliveryWorker:
         # (measured on PostgreSQL: a transaction per message was most of delivery's store time),
         # gathered as claims are (SQLite, the load of _CLAIM_GATHER's note: 170 -> 80 record
         # transactions a second; accepted messages 19.0k -> 19.7k, medians of 6 alternating pairs).
-        self._records: Batches[_Record, None] = Batches(
+        self._records: Batches[AttemptRecord, None] = Batches(
             self._record_outcomes,
             max_batch=settings.delivery_concurrency,
             name="delivery-records",
@@ -379,7 +371,7 @@ class DeliveryWorker:
         delays = iter(_RECORD_RETRY_DELAYS)
         while True:
             try:
-                await self._records.submit(_Record(now, outcomes, bounce))
+                await self._records.submit(AttemptRecord(now, outcomes, bounce))
             except Exception:
                 if self._stopping:
                     logger.exception(
@@ -394,20 +386,13 @@ class DeliveryWorker:
         if bounce is not None:
             self._services.mail_queued.set()
 
-    async def _record_outcomes(self, batch: Batch[_Record, None]) -> None:
+    async def _record_outcomes(self, batch: Batch[AttemptRecord, None]) -> None:
         records = [record for record, _ in batch]
 
-        def record_all(conn: Connection) -> None:
-            delivery_queue.lock_recipients(
-                conn, [outcome.recipient_id for record in records for outcome in record.outcomes]
-            )
-            for record in records:
-                delivery_queue.record_outcomes(
-                    conn, worker=self._worker, now=record.now, outcomes=record.outcomes, bounce=record.bounce
-                )
-
         try:
-            await self._database.write(record_all)
+            await self._database.write(
+                lambda conn: delivery_queue.record_attempts(conn, worker=self._worker, records=records)
+            )
         except Exception as error:
             if len(batch) == 1:
                 settle_with_error(batch, error)

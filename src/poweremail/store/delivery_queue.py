@@ -127,6 +127,18 @@ _RECORD = (
         locked_until=None,
     )
 )
+# The recipients a batch of records may still record (SELECT first, then one executemany: an
+# executemany tells only how many rows it changed, not which), locked in id order on PostgreSQL
+# (see lock_recipients).
+_STILL_LEASED = (
+    sa.select(recipients.c.id)
+    .where(
+        recipients.c.id.in_(sa.bindparam("ids", expanding=True)),
+        recipients.c.locked_by == sa.bindparam("worker"),
+    )
+    .order_by(recipients.c.id)
+    .with_for_update()
+)
 _EXTEND = (
     recipients.update()
     .where(
@@ -191,6 +203,15 @@ def load_messages(conn: Connection, message_ids: Collection[int]) -> dict[int, Q
     return loaded
 
 
+@dataclass(frozen=True)
+class AttemptRecord:
+    """What one delivery transaction left to record: each recipient's outcome, a bounce to queue."""
+
+    now: datetime
+    outcomes: Sequence[RecipientOutcome]
+    bounce: PlannedBounce | None = None
+
+
 def record_outcomes(
     conn: Connection,
     *,
@@ -199,44 +220,60 @@ def record_outcomes(
     outcomes: Sequence[RecipientOutcome],
     bounce: PlannedBounce | None = None,
 ) -> int:
-    """Record one attempt per recipient and release its lease; queue ``bounce`` for those that
-    bounced, in the same transaction (a recipient is bounced and reported, or neither).
+    """``record_attempts`` for one transaction's outcomes."""
+    return record_attempts(conn, worker=worker, records=[AttemptRecord(now, outcomes, bounce)])
+
+
+def record_attempts(conn: Connection, *, worker: str, records: Sequence[AttemptRecord]) -> int:
+    """Record one attempt per recipient and release its lease; queue each record's bounce for those
+    of its recipients that bounced, in the same transaction (a recipient is bounced and reported, or
+    neither).
 
     Only recipients still leased to ``worker`` are recorded: if the lease expired and another worker
     took the recipient, that worker's record is the one that counts. Returns how many were recorded.
     """
-    recorded = 0
-    bounced: list[int] = []
-    for outcome in outcomes:
-        result = conn.execute(
-            _RECORD,
-            {
-                "recipient_id": outcome.recipient_id,
-                "worker": worker,
-                "new_state": outcome.state,
-                "next_at": outcome.next_attempt_at or now,
-                "now": now,
-                "reply": outcome.reply[:_REPLY_MAX],
-                "mta": outcome.remote_mta[:255] if outcome.remote_mta else None,
-            },
-        )
-        if result.rowcount:
-            recorded += 1
-            if outcome.state == "bounced":
-                bounced.append(outcome.recipient_id)
-    if bounce is not None and bounced:
-        report = bounce.build(bounced)
+    ids = [outcome.recipient_id for record in records for outcome in record.outcomes]
+    if not ids:
+        return 0
+    still_ours = set(conn.execute(_STILL_LEASED, {"ids": ids, "worker": worker}).scalars())
+    # One executemany for every recipient rather than a statement each: it holds SQLite's write
+    # lock, which acceptance waits for, a shorter time (measured: see _STILL_LEASED).
+    updates = [
+        {
+            "recipient_id": outcome.recipient_id,
+            "worker": worker,
+            "new_state": outcome.state,
+            "next_at": outcome.next_attempt_at or record.now,
+            "now": record.now,
+            "reply": outcome.reply[:_REPLY_MAX],
+            "mta": outcome.remote_mta[:255] if outcome.remote_mta else None,
+        }
+        for record in records
+        for outcome in record.outcomes
+        if outcome.recipient_id in still_ours
+    ]
+    if updates:
+        conn.execute(_RECORD, updates)
+    for record in records:
+        bounced = [
+            outcome.recipient_id
+            for outcome in record.outcomes
+            if outcome.state == "bounced" and outcome.recipient_id in still_ours
+        ]
+        if record.bounce is None or not bounced:
+            continue
+        report = record.bounce.build(bounced)
         if report is not None:
             queue_id, data = report
             queue_bounce(
                 conn,
-                bounce_of=bounce.message_id,
+                bounce_of=record.bounce.message_id,
                 queue_id=queue_id,
-                mail_to=bounce.mail_to,
+                mail_to=record.bounce.mail_to,
                 data=data,
-                now=now,
+                now=record.now,
             )
-    return recorded
+    return len(updates)
 
 
 def queue_bounce(
@@ -271,10 +308,11 @@ def queue_bounce(
 def lock_recipients(conn: Connection, recipient_ids: Collection[int]) -> None:
     """Lock these recipients' rows in id order (PostgreSQL; SQLite has one writer at a time).
 
-    Every transaction that changes many of one worker's rows at once (renewing its leases,
-    recording a batch of outcomes) locks them first this way: two of them then never wait for each
-    other in a cycle. Seen before: a lease renewal (rows in the order of the index scan) against a
-    batch of outcomes (rows in the order deliveries ended), and PostgreSQL aborting one as a deadlock.
+    Every transaction that changes many of one worker's rows at once (renewing its leases here,
+    recording a batch of outcomes with _STILL_LEASED) locks them first in this order: two of them
+    then never wait for each other in a cycle. Seen before: a lease renewal (rows in the order of the
+    index scan) against a batch of outcomes (rows in the order deliveries ended), and PostgreSQL
+    aborting one as a deadlock.
     """
     if recipient_ids and conn.dialect.name == "postgresql":
         conn.execute(_LOCK_IN_ORDER, {"ids": sorted(recipient_ids)})

@@ -21,6 +21,7 @@ from sqlalchemy import Connection
 
 from poweremail.domain.addresses import address_domain
 from poweremail.store import message_parts
+from poweremail.store.driver_statements import DriverStatement
 from poweremail.store.schema import message_contents, messages, recipients
 
 logger = logging.getLogger("poweremail.store")
@@ -113,7 +114,7 @@ _MESSAGES = (
     .join(message_contents, message_contents.c.message_id == messages.c.id)
     .where(messages.c.id.in_(sa.bindparam("ids", expanding=True)))
 )
-_RECORD = (
+_RECORD = DriverStatement(
     recipients.update()
     .where(recipients.c.id == sa.bindparam("recipient_id"), recipients.c.locked_by == sa.bindparam("worker"))
     .values(
@@ -236,8 +237,8 @@ def record_attempts(conn: Connection, *, worker: str, records: Sequence[AttemptR
     if not ids:
         return 0
     still_ours = set(conn.execute(_STILL_LEASED, {"ids": ids, "worker": worker}).scalars())
-    # One executemany for every recipient rather than a statement each: it holds SQLite's write
-    # lock, which acceptance waits for, a shorter time (measured: see _STILL_LEASED).
+    # One executemany for every recipient rather than a statement each, on SQLite by the driver:
+    # it holds SQLite's write lock, which acceptance waits for, a shorter time.
     updates = [
         {
             "recipient_id": outcome.recipient_id,
@@ -252,8 +253,7 @@ def record_attempts(conn: Connection, *, worker: str, records: Sequence[AttemptR
         for outcome in record.outcomes
         if outcome.recipient_id in still_ours
     ]
-    if updates:
-        conn.execute(_RECORD, updates)
+    _RECORD.executemany(conn, updates)
     for record in records:
         bounced = [
             outcome.recipient_id

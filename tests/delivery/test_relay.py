@@ -87,6 +87,34 @@ def test_a_temporary_refusal_is_retried_until_delivered(start_node: StartNode, s
         assert bounce_reports(node) == []
 
 
+def test_a_refused_sender_bounces_every_recipient(start_node: StartNode, sender: Owner) -> None:
+    def mail(address: str, n: int) -> str | None:
+        return "553 5.7.1 <app@sender.test>: sender not allowed" if address == "app@sender.test" else None
+
+    with Receiver(mail=mail) as relay:
+        node = start_node("--relay", relay.address, "--relay-tls", "none")
+        user = smtp_user(node, sender)
+        queue_id = send(node, user, "app@sender.test", ["ann@example.test", "bob@example.test"], LETTER)
+        states = wait_for_states(node, queue_id, all_in("bounced"), "both bounced at MAIL")
+        assert [(s.state, s.attempts, s.last_reply) for s in states] == [
+            ("bounced", 1, "553 5.7.1 <app@sender.test>: sender not allowed")
+        ] * 2
+        [report] = relay.wait_for_messages(1)  # the original never got past MAIL; the report did
+        assert (report.mail_from, report.rcpt_tos) == ("", ["app@sender.test"])
+
+
+def test_a_recipient_answered_251_is_delivered(start_node: StartNode, sender: Owner) -> None:
+    # RFC 5321 §3.4: 251 "User not local; will forward" accepts the recipient.
+    with Receiver(rcpt=lambda address, n: "251 2.1.5 user not local; will forward") as relay:
+        node = start_node("--relay", relay.address, "--relay-tls", "none")
+        user = smtp_user(node, sender)
+        queue_id = send(node, user, "app@sender.test", ['"ann smith"@example.test'], LETTER)
+        [state] = wait_for_states(node, queue_id, all_in("delivered"), "delivered")
+        [message] = relay.wait_for_messages(1)
+        assert message.rcpt_tos == ['"ann smith"@example.test']  # the quoted local part as it came in
+        assert state.attempts == 1
+
+
 def test_a_permanent_refusal_bounces_at_once_and_the_sender_gets_a_report(
     start_node: StartNode, sender: Owner
 ) -> None:

@@ -74,8 +74,17 @@ class ConnectionLost(Exception):
 
 
 def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
-    text = " ".join(exc.message.split())  # a multi-line reply on one line, no CR or LF
-    return f"{exc.code} {text}".strip()
+    return _reply_text(exc.code, exc.message)
+
+
+def _reply_text(code: int, message: str) -> str:
+    text = " ".join(message.split())  # a multi-line reply on one line, no CR or LF
+    return f"{code} {text}".strip()
+
+
+def _path(address: str, encoding: str) -> bytes:
+    """A reverse- or forward-path (RFC 5321 §4.1.2): the address in angle brackets, "<>" for none."""
+    return b"<" + address.encode(encoding) + b">"
 
 
 def _outcome(code: int) -> Outcome:
@@ -172,17 +181,22 @@ class OutboundConnection:
         encoding = "utf-8" if smtputf8 else "ascii"
         data_sent = False
         try:
-            try:
-                await client.mail(mail_from, options=options, encoding=encoding)
-            except aiosmtplib.SMTPResponseException as exc:
+            # MAIL and RCPT written here rather than by aiosmtplib's mail() and rcpt(), which parse
+            # each address again with the email package (7% of a busy delivery process's samples);
+            # ours were checked as mailboxes when accepted, and go out as they came in.
+            response = await client.execute_command(
+                b"MAIL", b"FROM:" + _path(mail_from, encoding), *(option.encode() for option in options)
+            )
+            if response.code != 250:
                 await self._reset()
-                return [RecipientResult(a, _outcome(exc.code), _reply(exc), remote=True) for a in recipients]
+                reply = _reply_text(response.code, response.message)
+                return [RecipientResult(a, _outcome(response.code), reply, remote=True) for a in recipients]
             refused: dict[str, RecipientResult] = {}
             for address in recipients:
-                try:
-                    await client.rcpt(address, encoding=encoding)
-                except aiosmtplib.SMTPResponseException as exc:
-                    refused[address] = RecipientResult(address, _outcome(exc.code), _reply(exc), remote=True)
+                response = await client.execute_command(b"RCPT", b"TO:" + _path(address, encoding))
+                if response.code not in (250, 251):  # 251: "user not local; will forward" (RFC 5321 §3.4)
+                    reply = _reply_text(response.code, response.message)
+                    refused[address] = RecipientResult(address, _outcome(response.code), reply, remote=True)
             accepted = [address for address in recipients if address not in refused]
             if not accepted:
                 await self._reset()
@@ -190,10 +204,7 @@ class OutboundConnection:
             data_sent = True
             try:
                 response = await client.data(data)
-                outcome, reply = (
-                    _outcome(response.code),
-                    f"{response.code} {' '.join(response.message.split())}",
-                )
+                outcome, reply = _outcome(response.code), _reply_text(response.code, response.message)
             except aiosmtplib.SMTPResponseException as exc:
                 outcome, reply = _outcome(exc.code), _reply(exc)
         except _NETWORK_ERRORS as exc:

@@ -1,4 +1,5 @@
-"""Bulk writes of the hot paths, straight on SQLite's cursor: compiled once by SQLAlchemy, run by the driver.
+"""Bulk writes of the hot paths, and their savepoint, straight on SQLite's cursor: compiled once by
+SQLAlchemy, run by the driver.
 
 SQLite has one writer at a time, and every process that writes waits for it; the submission
 path's INSERTs and delivery's records are most of what holds it. Through SQLAlchemy's Core each
@@ -13,8 +14,9 @@ already sends the rows in one round trip).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -105,3 +107,40 @@ class DriverStatement:
             raise DBAPIError.instance(plan.sql, None, error, sqlite3.Error) from error
         finally:
             cursor.close()
+
+
+@contextlib.contextmanager
+def savepoint(conn: Connection) -> Iterator[None]:
+    """A savepoint around the block: an exception in it undoes the block's statements, then propagates.
+
+    On SQLite on the driver's cursor: ``conn.begin_nested()`` has SQLAlchemy compile a SAVEPOINT
+    and a RELEASE of a new name each time, 0.25 ms of a batch of ten messages' 0.93 ms.
+    """
+    if conn.dialect.name != "sqlite":
+        with conn.begin_nested():
+            yield
+        return
+    driver = conn.connection.dbapi_connection
+    assert driver is not None
+    cursor = driver.cursor()
+    try:
+        _run(cursor, "SAVEPOINT block")
+        try:
+            yield
+        except BaseException:
+            # Unless SQLite already rolled the whole transaction back (a full disk can): then the
+            # caller's transaction is gone, which its COMMIT will find.
+            if driver.in_transaction:
+                _run(cursor, "ROLLBACK TO block")
+                _run(cursor, "RELEASE block")
+            raise
+        _run(cursor, "RELEASE block")
+    finally:
+        cursor.close()
+
+
+def _run(cursor: DBAPICursor, statement: str) -> None:
+    try:
+        cursor.execute(statement)
+    except sqlite3.Error as error:
+        raise DBAPIError.instance(statement, None, error, sqlite3.Error) from error

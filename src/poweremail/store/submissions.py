@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 from poweremail.batches import Batch, Batches, settle_with_error
 from poweremail.store import message_parts
 from poweremail.store.database import Database
+from poweremail.store.driver_statements import savepoint
 from poweremail.store.messages import (
     Queued,
     QueuedBatch,
@@ -107,7 +108,7 @@ def _queue_or_report(conn: Connection, requests: list[QueueRequest]) -> QueuedBa
     # former nothing was stored and each message can be tried alone; after the latter (PostgreSQL:
     # the connection lost while committing) the batch may be stored, and must not be written again.
     try:
-        with conn.begin_nested():
+        with savepoint(conn):
             return queue_messages(conn, requests)
     except Exception as error:
         return _BatchFailed(error)

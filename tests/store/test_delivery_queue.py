@@ -22,7 +22,13 @@ from poweremail.domain.limits import Usage
 from poweremail.keyring import Keyring
 from poweremail.store import delivery_queue, messages, owners, schema, smtp_users
 from poweremail.store.database import Database, parse_url
-from poweremail.store.delivery_queue import ClaimedRecipient, FinalState, PlannedBounce, RecipientOutcome
+from poweremail.store.delivery_queue import (
+    AttemptRecord,
+    ClaimedRecipient,
+    FinalState,
+    PlannedBounce,
+    RecipientOutcome,
+)
 from tests.store.test_time import _migrate
 from tests.support import create_owner, run, store_read, store_write
 
@@ -71,11 +77,10 @@ class Queue:
         outcomes: Sequence[RecipientOutcome],
         bounce: PlannedBounce | None = None,
     ) -> int:
-        return self.write(
-            lambda conn: delivery_queue.record_outcomes(
-                conn, worker=worker, now=now, outcomes=outcomes, bounce=bounce
-            )
-        )
+        return self.record_all(worker, [AttemptRecord(now, outcomes, bounce)])
+
+    def record_all(self, worker: str, records: Sequence[AttemptRecord]) -> int:
+        return self.write(lambda conn: delivery_queue.record_attempts(conn, worker=worker, records=records))
 
     def rows(self) -> dict[int, Any]:
         """Every recipient row, by id."""
@@ -250,6 +255,55 @@ def test_an_expired_lease_is_claimed_again_and_a_live_one_is_not(q: Queue) -> No
     # An expired lease that nobody took meanwhile is still its holder's to record.
     assert q.record("w2", now=T0 + timedelta(minutes=3), outcomes=[_outcome(r2, "delivered")]) == 1
     assert q.rows()[r2].state == "delivered"
+
+
+def test_records_of_several_transactions_in_one_call_each_keep_their_own_times_and_bounce(q: Queue) -> None:
+    first_id, [bounced, delivered] = q.queue("gone@example.com", "ok@example.com", at=T0)
+    second_id, [deferred, taken] = q.queue("later@example.com", "elsewhere@example.com", at=T0)
+    assert _ids(q.claim("w1", now=T0, limit=3)) == [bounced, delivered, deferred]
+    # The fourth is another worker's (as when w1's lease on it lapsed and w2 took it): w1's record of
+    # it must not count.
+    assert _ids(q.claim("w2", now=T0)) == [taken]
+    at_first, at_second, retry_at = T0 + timedelta(seconds=40), T0 + timedelta(seconds=41), T0 + LEASE * 5
+    first_report, second_report = _Report("BOUNCEA"), _Report("BOUNCEB")
+
+    recorded = q.record_all(
+        "w1",
+        [
+            AttemptRecord(
+                at_first,
+                [_outcome(bounced, "bounced", reply="550 5.1.1 gone"), _outcome(delivered, "delivered")],
+                PlannedBounce(first_id, SENDER, first_report),
+            ),
+            AttemptRecord(
+                at_second,
+                [
+                    _outcome(deferred, "deferred", reply="451 4.3.0 later", next_at=retry_at),
+                    _outcome(taken, "bounced", reply="550 5.1.1 not w1's to say"),
+                ],
+                PlannedBounce(second_id, SENDER, second_report),
+            ),
+        ],
+    )
+
+    assert recorded == 3
+    rows = q.rows()
+    assert (rows[bounced].state, rows[bounced].last_attempt_at, rows[bounced].locked_by) == (
+        "bounced",
+        at_first,
+        None,
+    )
+    assert (rows[delivered].state, rows[delivered].last_attempt_at) == ("delivered", at_first)
+    assert (rows[deferred].state, rows[deferred].next_attempt_at, rows[deferred].last_attempt_at) == (
+        "deferred",
+        retry_at,
+        at_second,
+    )
+    assert (rows[taken].state, rows[taken].attempts, rows[taken].locked_by) == ("queued", 0, "w2")
+    # The first transaction's report names its bounced recipient; the second's would have named
+    # only the one w2 holds, so it is not built at all.
+    assert first_report.calls == [[bounced]] and second_report.calls == []
+    assert len(q.bounces_of(first_id)) == 1 and q.bounces_of(second_id) == []
 
 
 def test_times_in_any_time_zone_compare_as_instants(q: Queue) -> None:
@@ -579,17 +633,21 @@ async def _failing_record_beside_others(url: str, r1: int, r2: int, message_id: 
         return list(
             await asyncio.gather(
                 database.write(
-                    lambda conn: delivery_queue.record_outcomes(
+                    lambda conn: delivery_queue.record_attempts(
                         conn,
                         worker="w1",
-                        now=T0,
-                        outcomes=[_outcome(r1, "bounced")],
-                        bounce=PlannedBounce(message_id, SENDER, failing_build),
+                        records=[
+                            AttemptRecord(
+                                T0,
+                                [_outcome(r1, "bounced")],
+                                PlannedBounce(message_id, SENDER, failing_build),
+                            )
+                        ],
                     )
                 ),
                 database.write(
-                    lambda conn: delivery_queue.record_outcomes(
-                        conn, worker="w1", now=T0, outcomes=[_outcome(r2, "delivered")]
+                    lambda conn: delivery_queue.record_attempts(
+                        conn, worker="w1", records=[AttemptRecord(T0, [_outcome(r2, "delivered")])]
                     )
                 ),
                 return_exceptions=True,

@@ -213,18 +213,6 @@ class AttemptRecord:
     bounce: PlannedBounce | None = None
 
 
-def record_outcomes(
-    conn: Connection,
-    *,
-    worker: str,
-    now: datetime,
-    outcomes: Sequence[RecipientOutcome],
-    bounce: PlannedBounce | None = None,
-) -> int:
-    """``record_attempts`` for one transaction's outcomes."""
-    return record_attempts(conn, worker=worker, records=[AttemptRecord(now, outcomes, bounce)])
-
-
 def record_attempts(conn: Connection, *, worker: str, records: Sequence[AttemptRecord]) -> int:
     """Record one attempt per recipient and release its lease; queue each record's bounce for those
     of its recipients that bounced, in the same transaction (a recipient is bounced and reported, or

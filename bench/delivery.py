@@ -119,7 +119,7 @@ WARMUP, PROFILED = 0, -1  # Measurement.run of the uncounted measurements
 PARTS = (
     ("claim_due (", "delivery: claim due recipients (store)"),
     ("load_messages (", "delivery: read the message (store)"),
-    ("record_outcomes (", "delivery: record the outcome (store)"),
+    ("record_attempts (", "delivery: record the outcome (store)"),
     ("delivery_queue.py", "delivery: other store work (leases)"),
     ("aiosmtplib/", "delivery: SMTP client (aiosmtplib, outbound.py)"),
     ("delivery/outbound.py", "delivery: SMTP client (aiosmtplib, outbound.py)"),

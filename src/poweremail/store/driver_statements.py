@@ -6,10 +6,11 @@ path's INSERTs and delivery's records are most of what holds it. Through SQLAlch
 ``execute`` costs ~80-100 µs of Python (execution context, parameter processing per row, result
 setup) around ~10 µs of SQLite work; a batch of ten 1 KB messages spent 1.2 ms in the statements
 of which 0.3 ms in SQLite. ``DriverStatement`` keeps the statement written once, in Core, and has
-SQLAlchemy compile it once per set of columns, with the type's own bind processors (our UTC
-datetimes are stored exactly as SQLAlchemy stores them); on SQLite it then hands the rows to the
-driver's ``executemany``. On PostgreSQL it is ``conn.execute`` as before (asyncpg's executemany
-already sends the rows in one round trip).
+SQLAlchemy compile it once per set of columns, with the bind processor of each type's SQLite
+implementation (``dialect_impl``: the generic type's would leave datetimes to sqlite3, which writes
+"+00:00" after them, text that sorts after SQLAlchemy's for the same instant; tested); on SQLite it
+then hands the rows to the driver's ``executemany``. On PostgreSQL it is ``conn.execute`` as before
+(asyncpg's executemany already sends the rows in one round trip).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class DriverStatement:
 
     def insert_each(self, conn: Connection, rows: Sequence[Row]) -> list[int]:
         """SQLite only: each row inserted, its rowid (the integer primary key) returned in order."""
+        if conn.dialect.name != "sqlite":
+            raise NotImplementedError("insert_each is for SQLite; elsewhere use INSERT ... RETURNING")
         plan = self._plan(conn.dialect, rows[0])
 
         def insert(cursor: DBAPICursor) -> list[int]:

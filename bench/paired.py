@@ -41,7 +41,6 @@ from smtp import (
     POWEREMAIL,
     SIZES,
     SQLITE,
-    Credentials,
     Load,
     Measurement,
     PowerEmailApi,
@@ -49,9 +48,9 @@ from smtp import (
     api_answers,
     create_owner,
     greets,
-    poweremail_command,
     progress_line,
     run_load,
+    serve_command,
     server_errors,
     store_url,
 )
@@ -110,22 +109,14 @@ def measure_side(
     with importing(side.src), store_url(args.store, data_dir) as (database_url, database_name):
         owner = create_owner(data_dir, database_url)
         api_port, smtp_port, smtps_port = free_port(), free_port(), free_port()
-        roles = "api,smtp,delivery" if receiver is not None else "api,smtp"
-        serve = poweremail_command(
-            "serve", "--data-dir", str(data_dir), "--database-url", database_url, "--roles", roles,
-            "--api-port", str(api_port), "--smtp-port", str(smtp_port), "--smtps-port", str(smtps_port),
-            "--max-connections-per-address", "1000", "--log-level", "WARNING", *side.serve_args,
+        serve = serve_command(
+            data_dir, database_url, api_port=api_port, smtp_port=smtp_port, smtps_port=smtps_port,
+            receiver=receiver, extra=side.serve_args,
         )  # fmt: skip
-        if receiver is not None:
-            serve += ["--relay", f"127.0.0.1:{receiver.port}", "--relay-tls", "none", *receiver.relay_login]
         with running(serve, log_path, lambda: greets(smtp_port) and api_answers(api_port)) as server:
             api = PowerEmailApi(api_port, owner)
             try:
-
-                def login() -> Credentials:
-                    return api.add_smtp_user()
-
-                target = Target(POWEREMAIL, smtp_port, server.pid, login, database_name)
+                target = Target(POWEREMAIL, smtp_port, server.pid, api.add_smtp_user, database_name)
                 load = Load(args.mode, args.size, args.sessions, args.duration, 1)
                 measurement = run_load(target, load, store=args.store, run=run)
             finally:

@@ -203,6 +203,30 @@ def poweremail_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "poweremail", *args]
 
 
+def serve_command(
+    data_dir: Path,
+    database_url: str,
+    *,
+    api_port: int,
+    smtp_port: int,
+    smtps_port: int,
+    receiver: Receiver | None,
+    extra: list[str],
+) -> list[str]:
+    """``poweremail serve`` as the benchmarks run it: the per-address connection limit out of the
+    way, warnings only in the log; with ``receiver``, delivery runs beside acceptance and relays
+    everything there."""
+    roles = "api,smtp,delivery" if receiver is not None else "api,smtp"
+    command = poweremail_command(
+        "serve", "--data-dir", str(data_dir), "--database-url", database_url, "--roles", roles,
+        "--api-port", str(api_port), "--smtp-port", str(smtp_port), "--smtps-port", str(smtps_port),
+        "--max-connections-per-address", "1000", "--log-level", "WARNING", *extra,
+    )  # fmt: skip
+    if receiver is not None:
+        command += ["--relay", f"127.0.0.1:{receiver.port}", "--relay-tls", "none", *receiver.relay_login]
+    return command
+
+
 def greets(port: int) -> bool:
     """A 220 greeting: PowerEmail binds its ports before the store is open, so a connect is not enough."""
     try:
@@ -697,22 +721,16 @@ def bench_store(store: str, args: argparse.Namespace, work: Path, bare: Target, 
     with store_url(store, data_dir) as (database_url, database_name):
         owner = create_owner(data_dir, database_url)
         api_port, smtp_port, smtps_port = free_port(), free_port(), free_port()
-        serve = poweremail_command(
-            "serve", "--data-dir", str(data_dir), "--database-url", database_url,
-            "--roles", "api,smtp", "--api-port", str(api_port), "--smtp-port", str(smtp_port),
-            "--smtps-port", str(smtps_port), "--max-connections-per-address", "1000",
-            "--log-level", "WARNING", "--workers", str(args.workers),
-        )  # fmt: skip
+        extra = ["--workers", str(args.workers)]
         if args.delivery_workers:
-            serve += ["--delivery-workers", str(args.delivery_workers)]
+            extra += ["--delivery-workers", str(args.delivery_workers)]
+        serve = serve_command(
+            data_dir, database_url, api_port=api_port, smtp_port=smtp_port, smtps_port=smtps_port,
+            receiver=args.receiver, extra=extra,
+        )  # fmt: skip
 
         def ready() -> bool:
             return greets(smtp_port) and api_answers(api_port)
-
-        if args.receiver is not None:  # delivery runs beside acceptance, into the local receiver
-            serve[serve.index("api,smtp")] = "api,smtp,delivery"
-            serve += ["--relay", f"127.0.0.1:{args.receiver.port}", "--relay-tls", "none"]
-            serve += args.receiver.relay_login
 
         with running(serve, log_path, ready) as server:
             pid = server.pid

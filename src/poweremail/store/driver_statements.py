@@ -104,10 +104,8 @@ class DriverStatement:
         assert driver is not None
         cursor = driver.cursor()
         try:
-            return work(cursor)
-        except sqlite3.Error as error:
-            # As SQLAlchemy raises it (IntegrityError, OperationalError, ...): callers know one family.
-            raise DBAPIError.instance(plan.sql, None, error, sqlite3.Error) from error
+            with _as_sqlalchemy_error(plan.sql):
+                return work(cursor)
         finally:
             cursor.close()
 
@@ -143,7 +141,15 @@ def savepoint(conn: Connection) -> Iterator[None]:
 
 
 def _run(cursor: DBAPICursor, statement: str) -> None:
-    try:
+    with _as_sqlalchemy_error(statement):
         cursor.execute(statement)
+
+
+@contextlib.contextmanager
+def _as_sqlalchemy_error(statement: str) -> Iterator[None]:
+    """The driver's errors raised as SQLAlchemy raises them (IntegrityError, OperationalError, ...):
+    callers know one family."""
+    try:
+        yield
     except sqlite3.Error as error:
         raise DBAPIError.instance(statement, None, error, sqlite3.Error) from error

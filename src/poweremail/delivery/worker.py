@@ -57,13 +57,6 @@ _CLAIM_AHEAD = 2
 # second in the one writer, messages accepted 18.3k -> 20.3k (medians; ahead in 7 pairs of 8).
 # Mail waits 10 ms more before it is sent; at most 100 claims a second is far more than needed.
 _CLAIM_GATHER = 0.01
-# When acceptance runs in the same process (plain `serve`), its sessions and delivery share one core
-# and one writer: there each claim and each record transaction is worth gathering longer. Measured
-# (bench/paired.py, one process, 5 pairs of 8 s): 50 ms instead of 10, SQLite 555 -> 660 msg/s
-# accepted (+8.4%, ahead in 5 of 5; 30 ms: +6%, 3 of 5), PostgreSQL +4.8% (4 of 5). With delivery in
-# a process of its own (`--delivery-workers`) 50 ms cut that process's CPU by a quarter but not
-# acceptance's wait for the write lock (0.94, 2 of 5): it keeps 10 ms. Mail waits at most 50 ms more.
-_CLAIM_GATHER_BESIDE_SMTP = 0.05
 # How long apart an outcome that could not be recorded (the store is away) is tried again; the last
 # delay repeats for as long as the node runs. The lease may lapse meanwhile: the record still counts
 # unless another worker took the recipient since (it may then be sent twice, never lost).
@@ -130,7 +123,6 @@ class DeliveryWorker:
         self._router = Router(settings)
         self._pool = ConnectionPool(per_destination=settings.max_connections_per_destination)
         self._slots = asyncio.Semaphore(settings.delivery_concurrency)
-        self._gather = _CLAIM_GATHER_BESIDE_SMTP if "smtp" in settings.roles else _CLAIM_GATHER
         # Messages whose delivery starts while others are being read are read together, in one
         # query (measured: a read per message was 8% of a busy node's time). At most one per slot.
         self._loads: Batches[int, QueuedMessage] = Batches(
@@ -144,7 +136,7 @@ class DeliveryWorker:
             self._record_outcomes,
             max_batch=settings.delivery_concurrency,
             name="delivery-records",
-            gather=self._gather,
+            gather=_CLAIM_GATHER,
         )
         self._lease = timedelta(seconds=settings.delivery_lease)
         self._in_hand: set[int] = set()  # recipient ids leased to us and not yet recorded
@@ -178,7 +170,7 @@ class DeliveryWorker:
                         continue  # a full claim: more may be due right now
                 await self._wait_for_work(stop, room_left=room > 0)
                 if self._services.mail_queued.is_set() and not stop.is_set():
-                    await asyncio.sleep(self._gather)
+                    await asyncio.sleep(_CLAIM_GATHER)
         finally:
             await self._finish(background)
 

@@ -93,6 +93,8 @@ class Receiver:
     ``greeting``: a 4xx/5xx line answered instead of 220; the server then answers 503 to every command
     but QUIT (RFC 5321 §3.1). ``auth=(user, password)``: AUTH PLAIN and LOGIN are offered, also without
     TLS (loopback), and required before MAIL; without it no AUTH is advertised and none succeeds.
+    ``pipelining``: PIPELINING is advertised (RFC 2920), as most servers do; aiosmtpd reads pipelined
+    commands one by one either way.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Receiver:
         implicit_tls_context: ssl.SSLContext | None = None,
         auth: tuple[str, str] | None = None,
         greeting: str | None = None,
+        pipelining: bool = True,
     ) -> None:
         if starttls_context is not None and implicit_tls_context is not None:
             raise ValueError("STARTTLS on an implicit TLS connection makes no sense: pass one context")
@@ -123,6 +126,7 @@ class Receiver:
         self.starttls_context = starttls_context
         self.implicit_tls_context = implicit_tls_context
         self.auth = auth
+        self.pipelining = pipelining
         self._changed = threading.Condition()  # guards the records below; notified on every change
         self._messages: list[ReceivedMessage] = []
         self._connections = 0
@@ -388,6 +392,8 @@ class _Handler:
         session.host_name = hostname  # with a (5-argument) EHLO hook aiosmtpd leaves this to the hook
         if self._receiver.auth is None:  # aiosmtpd always offers AUTH when auth_require_tls is off
             responses = [line for line in responses if not line[4:].upper().startswith("AUTH")]
+        if self._receiver.pipelining:
+            responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
 
     async def handle_MAIL(

@@ -7,6 +7,7 @@ import email.policy
 import time
 from email.message import EmailMessage
 
+import pytest
 import trustme
 
 from tests.delivery.conftest import StartNode
@@ -37,8 +38,11 @@ def _report(data: bytes) -> EmailMessage:
     return message
 
 
-def test_three_recipients_arrive_once_each_with_the_body_intact(start_node: StartNode, sender: Owner) -> None:
-    with Receiver(data=lambda n: f"250 2.0.0 queued as R{n}") as relay:
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-by-one"])
+def test_three_recipients_arrive_once_each_with_the_body_intact(
+    start_node: StartNode, sender: Owner, pipelining: bool
+) -> None:
+    with Receiver(data=lambda n: f"250 2.0.0 queued as R{n}", pipelining=pipelining) as relay:
         node = start_node("--relay", relay.address, "--relay-tls", "none")
         user = smtp_user(node, sender)
         rcpts = ["ann@example.test", "bob@example.test", "cy@other.test"]
@@ -87,11 +91,14 @@ def test_a_temporary_refusal_is_retried_until_delivered(start_node: StartNode, s
         assert bounce_reports(node) == []
 
 
-def test_a_refused_sender_bounces_every_recipient(start_node: StartNode, sender: Owner) -> None:
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-by-one"])
+def test_a_refused_sender_bounces_every_recipient(
+    start_node: StartNode, sender: Owner, pipelining: bool
+) -> None:
     def mail(address: str, n: int) -> str | None:
         return "553 5.7.1 <app@sender.test>: sender not allowed" if address == "app@sender.test" else None
 
-    with Receiver(mail=mail) as relay:
+    with Receiver(mail=mail, pipelining=pipelining) as relay:
         node = start_node("--relay", relay.address, "--relay-tls", "none")
         user = smtp_user(node, sender)
         queue_id = send(node, user, "app@sender.test", ["ann@example.test", "bob@example.test"], LETTER)
@@ -115,13 +122,14 @@ def test_a_recipient_answered_251_is_delivered(start_node: StartNode, sender: Ow
         assert state.attempts == 1
 
 
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-by-one"])
 def test_a_permanent_refusal_bounces_at_once_and_the_sender_gets_a_report(
-    start_node: StartNode, sender: Owner
+    start_node: StartNode, sender: Owner, pipelining: bool
 ) -> None:
     def rcpt(address: str, n: int) -> str | None:
         return "550 5.1.1 <nobody@example.test>: no such user" if address.startswith("nobody") else None
 
-    with Receiver(rcpt=rcpt) as relay:
+    with Receiver(rcpt=rcpt, pipelining=pipelining) as relay:
         node = start_node("--relay", relay.address, "--relay-tls", "none")
         user = smtp_user(node, sender)
         queue_id = send(node, user, "app@sender.test", ["ann@example.test", "nobody@example.test"], LETTER)

@@ -1,16 +1,18 @@
-"""One SMTP client connection to a relay or mail host, and one transaction on it (aiosmtplib).
+"""One SMTP client connection to a relay or mail host, and one transaction on it.
 
 A transaction reports per recipient: the reply to its ``RCPT`` if that refused it, else the reply
 to the end of ``DATA``. Replies map to outcomes by their first digit (RFC 5321 §4.2.1): 2 delivered,
 4 temporary, 5 permanent. A failure before the transaction (no connection, a refusing greeting,
 EHLO, TLS or AUTH failing) is a :class:`HopFailure`: the caller tries the next host.
 
-aiosmtplib's ``data`` dot-stuffs the message and turns any lone CR or LF into CRLF (RFC 5321
-§4.5.2, §2.3.8), so what leaves is never ambiguous about where it ends.
+The conversation itself is smtp_client.py's: pipelined where the server offers it (RFC 2920), the
+message dot-stuffed and any lone CR or LF turned into CRLF (RFC 5321 §4.5.2, §2.3.8), so what leaves
+is never ambiguous about where it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 import time
@@ -19,8 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import aiosmtplib
-
+from poweremail.delivery.smtp_client import (
+    Reply,
+    ReplyTimeout,
+    SmtpClient,
+    SmtpClientError,
+    data_for_the_wire,
+)
 from poweremail.domain.addresses import needs_smtputf8
 
 TlsMode = Literal["none", "opportunistic", "starttls", "tls"]
@@ -73,15 +80,6 @@ class ConnectionLost(Exception):
         self.data_sent = data_sent
 
 
-def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
-    return _reply_text(exc.code, exc.message)
-
-
-def _reply_text(code: int, message: str) -> str:
-    text = " ".join(message.split())  # a multi-line reply on one line, no CR or LF
-    return f"{code} {text}".strip()
-
-
 def _path(address: str, encoding: str) -> bytes:
     """A reverse- or forward-path (RFC 5321 §4.1.2): the address in angle brackets, "<>" for none."""
     return b"<" + address.encode(encoding) + b">"
@@ -93,13 +91,10 @@ def _outcome(code: int) -> Outcome:
     return "permanent" if 500 <= code < 600 else "temporary"
 
 
-_NETWORK_ERRORS = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError, ssl.SSLError)
-
-
 class OutboundConnection:
     """An open, greeted (and, as the hop asks, encrypted and logged-in) SMTP client connection."""
 
-    def __init__(self, hop: Hop, client: aiosmtplib.SMTP) -> None:
+    def __init__(self, hop: Hop, client: SmtpClient) -> None:
         self.hop = hop
         self._client = client
         self.last_used = time.monotonic()
@@ -120,43 +115,47 @@ class OutboundConnection:
     async def _open(
         cls, hop: Hop, *, helo_name: str, reply_timeout: float, tls: TlsMode
     ) -> OutboundConnection:
-        client = aiosmtplib.SMTP(
-            hostname=hop.connect_to,
-            port=hop.port,
-            local_hostname=helo_name,
-            timeout=reply_timeout,
-            use_tls=tls == "tls",
-            start_tls=False,
-            validate_certs=hop.verify,
-            cert_bundle=str(hop.ca_file) if hop.ca_file else None,
-        )
+        where = hop.describe()
         try:
-            # With implicit TLS, aiosmtplib takes connect_to as the server name (relays are named).
-            await client.connect()
-            await _greet(client)
-            if tls in ("starttls", "opportunistic") and client.supports_extension("starttls"):
+            client, greeting = await SmtpClient.connect(
+                hop.connect_to,
+                hop.port,
+                reply_timeout=reply_timeout,
+                tls=_tls_context(hop) if tls == "tls" else None,
+                server_name=hop.name,
+            )
+        except TimeoutError:
+            raise HopFailure(f"no answer from {where} within {reply_timeout:g}s") from None
+        except (OSError, SmtpClientError) as exc:
+            raise HopFailure(f"connection to {where} failed: {_why(exc)}") from None
+        try:
+            _expect(greeting, 220, hop)
+            await _greet(client, helo_name, hop)
+            if tls in ("starttls", "opportunistic") and client.offers("starttls"):
                 try:
-                    await client.starttls(server_hostname=hop.name, validate_certs=hop.verify)
-                except (ssl.SSLError, aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+                    _expect(await client.starttls(_tls_context(hop), hop.name), 220, hop)
+                except (ssl.SSLError, OSError, TimeoutError, SmtpClientError) as exc:
                     client.close()
-                    raise _TlsHandshakeFailed(f"TLS with {hop.describe()} failed: {exc}") from None
-                await _greet(client)
+                    raise _TlsHandshakeFailed(f"TLS with {where} failed: {_why(exc)}") from None
+                await _greet(client, helo_name, hop)
             elif tls == "starttls":
-                raise HopFailure(f"{hop.describe()} does not offer STARTTLS, which is required")
+                raise HopFailure(f"{where} does not offer STARTTLS, which is required")
             if hop.login is not None:
-                user, password = hop.login
-                await client.login(user, password)
+                await _login(client, hop)
         except (HopFailure, _TlsHandshakeFailed):
             client.close()
             raise
-        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+        except ReplyTimeout:
             client.close()
-            raise _hop_failure(exc, hop, reply_timeout) from None
+            raise HopFailure(f"{where} did not answer within {reply_timeout:g}s") from None
+        except (SmtpClientError, OSError) as exc:
+            client.close()
+            raise HopFailure(f"{where}: {_why(exc)}") from None
         return cls(hop, client)
 
     @property
     def is_open(self) -> bool:
-        return self._client.is_connected
+        return self._client.is_open
 
     async def send(self, *, mail_from: str, recipients: Sequence[str], data: bytes) -> list[RecipientResult]:
         """One transaction. Raises ConnectionLost if the connection fails on the way."""
@@ -164,72 +163,71 @@ class OutboundConnection:
         self.transactions += 1
         client, host = self._client, self.hop.describe()
         smtputf8 = needs_smtputf8(mail_from, *recipients)
-        if smtputf8 and not client.supports_extension("smtputf8"):
+        if smtputf8 and not client.offers("smtputf8"):
             why = f"{host} does not support SMTPUTF8, which this message's addresses need (RFC 6531)"
             return _refuse_all(recipients, why, status="5.6.7")
-        max_size = client.esmtp_extensions.get("size", "")
+        max_size = client.extensions.get("size", "")
         if max_size.isdigit() and int(max_size) and len(data) > int(max_size):
             why = f"the message ({len(data)} bytes) is larger than {host} takes ({max_size} bytes)"
             return _refuse_all(recipients, why, status="5.3.4")
         options = []
-        if client.supports_extension("size"):
-            options.append(f"SIZE={len(data)}")
-        if client.supports_extension("8bitmime") and not data.isascii():
-            options.append("BODY=8BITMIME")
+        if client.offers("size"):
+            options.append(f" SIZE={len(data)}")
+        if client.offers("8bitmime") and not data.isascii():
+            options.append(" BODY=8BITMIME")
         if smtputf8:
-            options.append("SMTPUTF8")
+            options.append(" SMTPUTF8")
         encoding = "utf-8" if smtputf8 else "ascii"
         data_sent = False
         try:
-            # MAIL and RCPT written here rather than by aiosmtplib's mail() and rcpt(), which parse
-            # each address again with the email package (7% of a busy delivery process's samples);
-            # ours were checked as mailboxes when accepted, and go out as they came in.
-            response = await client.execute_command(
-                b"MAIL", b"FROM:" + _path(mail_from, encoding), *(option.encode() for option in options)
+            # Our addresses were checked as mailboxes when accepted, and go out as they came in.
+            mail, rcpts, data_reply = await client.transaction(
+                _path(mail_from, encoding) + "".join(options).encode(),
+                [_path(address, encoding) for address in recipients],
+                pipelining=client.offers("pipelining"),
             )
-            if response.code != 250:
+            if mail.code != 250:
+                refused = {address: _remote(address, mail) for address in recipients}
+            else:
+                # 251: "user not local; will forward" (RFC 5321 §3.4).
+                refused = {
+                    address: _remote(address, reply)
+                    for address, reply in zip(recipients, rcpts, strict=True)
+                    if reply.code not in (250, 251)
+                }
+            if data_reply is not None and data_reply.code == 354 and len(refused) < len(recipients):
+                data_sent = True
+                final = await client.send_data(data_for_the_wire(data))
+            else:
+                if data_reply is not None and data_reply.code == 354:
+                    # A server that took DATA with no recipient: end it empty (RFC 2920 §3.1).
+                    await client.send_data(b".\r\n")
                 await self._reset()
-                reply = _reply_text(response.code, response.message)
-                return [RecipientResult(a, _outcome(response.code), reply, remote=True) for a in recipients]
-            refused: dict[str, RecipientResult] = {}
-            for address in recipients:
-                response = await client.execute_command(b"RCPT", b"TO:" + _path(address, encoding))
-                if response.code not in (250, 251):  # 251: "user not local; will forward" (RFC 5321 §3.4)
-                    reply = _reply_text(response.code, response.message)
-                    refused[address] = RecipientResult(address, _outcome(response.code), reply, remote=True)
-            accepted = [address for address in recipients if address not in refused]
-            if not accepted:
-                await self._reset()
-                return [refused[address] for address in recipients]
-            data_sent = True
-            try:
-                response = await client.data(data)
-                outcome, reply = _outcome(response.code), _reply_text(response.code, response.message)
-            except aiosmtplib.SMTPResponseException as exc:
-                outcome, reply = _outcome(exc.code), _reply(exc)
-        except _NETWORK_ERRORS as exc:
+                if len(refused) == len(recipients) or data_reply is None:
+                    return [refused[address] for address in recipients]
+                final = data_reply  # DATA itself refused: every accepted recipient gets its reply
+        except (SmtpClientError, OSError) as exc:
             self._client.close()
-            raise ConnectionLost(f"connection to {host} lost: {exc}", data_sent=data_sent) from None
+            raise ConnectionLost(f"connection to {host} lost: {_why(exc)}", data_sent=data_sent) from None
         finally:
             self.last_used = time.monotonic()
-        return [
-            refused.get(address) or RecipientResult(address, outcome, reply, remote=True)
-            for address in recipients
-        ]
+        return [refused.get(address) or _remote(address, final) for address in recipients]
 
     async def _reset(self) -> None:
         """RSET after a refused transaction, so the connection can take the next one."""
         try:
-            await self._client.rset()
-        except (aiosmtplib.SMTPException, *_NETWORK_ERRORS):
+            if not (await self._client.command(b"RSET")).positive:
+                self._client.close()
+        except (SmtpClientError, OSError):
             self._client.close()
 
     async def close(self) -> None:
         """QUIT politely; a connection that cannot is simply closed."""
         try:
-            if self._client.is_connected:
-                await self._client.quit(timeout=5)
-        except (aiosmtplib.SMTPException, *_NETWORK_ERRORS):
+            if self._client.is_open:
+                async with asyncio.timeout(5):
+                    await self._client.quit()
+        except (SmtpClientError, OSError, TimeoutError):
             pass
         finally:
             self._client.close()
@@ -241,41 +239,50 @@ class _TlsHandshakeFailed(Exception):
         self.reason = reason
 
 
+def _remote(address: str, reply: Reply) -> RecipientResult:
+    return RecipientResult(address, _outcome(reply.code), str(reply), remote=True)
+
+
 def _refuse_all(recipients: Sequence[str], why: str, *, status: str) -> list[RecipientResult]:
     """A local, permanent refusal of every recipient: the message cannot go to this server as it is."""
     return [RecipientResult(address, "permanent", why, remote=False, status=status) for address in recipients]
 
 
-def _hop_failure(exc: BaseException, hop: Hop, reply_timeout: float) -> HopFailure:
-    """What went wrong before a transaction could start, in words for the recipient's last_reply."""
-    where = hop.describe()
-    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-        # Our own credentials at the relay are wrong: the mail is not at fault, so never bounce it.
-        return HopFailure(f"login at {where} refused: {_reply(exc)}")
-    if isinstance(exc, aiosmtplib.SMTPResponseException):  # a refusing greeting, EHLO or STARTTLS
-        return HopFailure(f"{where} answered {_reply(exc)}", permanent=exc.code >= 500)
-    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
-        return HopFailure(f"no answer from {where} within {reply_timeout:g}s")
-    if isinstance(exc, aiosmtplib.SMTPConnectError):
-        return HopFailure(f"connection to {where} failed: {_why(exc)}")
-    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
-        return HopFailure(f"{where} did not answer within {reply_timeout:g}s")
-    if isinstance(exc, OSError) and not isinstance(exc, aiosmtplib.SMTPException):
-        return HopFailure(f"connection to {where} failed: {exc.strerror or exc}")
-    return HopFailure(f"{where}: {exc}")
+def _expect(reply: Reply, code: int, hop: Hop) -> None:
+    """A refusing greeting, EHLO or STARTTLS: this hop takes no mail now, or never if it said 5xx."""
+    if reply.code != code:
+        raise HopFailure(f"{hop.describe()} answered {reply}", permanent=reply.code >= 500)
+
+
+async def _greet(client: SmtpClient, helo_name: str, hop: Hop) -> None:
+    """EHLO, or HELO from a server that refuses EHLO (RFC 5321 §3.2)."""
+    _expect(await client.hello(helo_name), 250, hop)
+
+
+async def _login(client: SmtpClient, hop: Hop) -> None:
+    assert hop.login is not None
+    user, password = hop.login
+    try:
+        reply = await client.login(user, password)
+    except ValueError as exc:
+        # Our own login at the relay cannot work: the mail is not at fault, so never bounce it.
+        raise HopFailure(f"login at {hop.describe()} impossible: it {exc}") from None
+    if reply.code != 235:
+        raise HopFailure(f"login at {hop.describe()} refused: {reply}")
+
+
+def _tls_context(hop: Hop) -> ssl.SSLContext:
+    if hop.verify:
+        return ssl.create_default_context(cafile=str(hop.ca_file) if hop.ca_file else None)
+    # Opportunistic TLS (RFC 7435): encrypted rather than plaintext, whoever the certificate names.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _why(exc: BaseException) -> str:
-    """The operating system's reason ("Connection refused"), not aiosmtplib's wrapping of it."""
-    cause = exc.__cause__
-    if isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError) and cause.errno is not None:
-        return os.strerror(cause.errno).lower()  # asyncio's own text is "Connect call failed (…)"
-    return str(cause or exc)
-
-
-async def _greet(client: aiosmtplib.SMTP) -> None:
-    """EHLO, or HELO from a server that refuses EHLO (RFC 5321 §3.2)."""
-    try:
-        await client.ehlo()
-    except aiosmtplib.SMTPHeloError:
-        await client.helo()
+    """The operating system's reason ("connection refused"), not asyncio's "Connect call failed (…)"."""
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.errno is not None:
+        return os.strerror(exc.errno).lower()
+    return str(exc)

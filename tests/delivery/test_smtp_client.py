@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 
-from poweremail.delivery.outbound import ConnectionLost, Hop, OutboundConnection
+from poweremail.delivery.outbound import ConnectionLost, Hop, HopFailure, OutboundConnection
 from poweremail.delivery.smtp_client import (
     MalformedReply,
     Reply,
@@ -36,6 +36,7 @@ class Step:
     reply: list[bytes]  # written in these pieces, a moment apart; [] for no reply
     starttls: ssl.SSLContext | None = None  # after the reply, the server side of a TLS handshake
     close: bool = False  # after the reply, close the connection
+    linger: float = 0  # seconds to wait (reading nothing) before the reply
 
 
 @dataclass
@@ -53,6 +54,7 @@ async def scripted(steps: list[Step]) -> AsyncIterator[tuple[int, Script]]:
         try:
             for step in script.steps:
                 script.received.append(await reader.readuntil(step.until) if step.until else b"")
+                await asyncio.sleep(step.linger)
                 for n, piece in enumerate(step.reply):
                     if n:
                         await asyncio.sleep(0.01)  # so each piece arrives on its own
@@ -145,6 +147,28 @@ def test_without_pipelining_rcpt_waits_for_mail_and_data_for_an_accepted_rcpt() 
             await client.quit()
             await script.done.wait()
         assert script.received[-1] == b"QUIT\r\n"
+
+    run(main())
+
+
+def test_a_server_answering_ehlo_with_421_gets_no_helo_and_is_passed_over() -> None:
+    async def main() -> None:
+        steps = [greeting(), Step(b"EHLO me.test\r\n", [b"421 4.3.2 shutting down\r\n"])]
+        async with scripted(steps) as (port, script):
+            with pytest.raises(HopFailure, match=r"answered 421 4\.3\.2 shutting down") as failure:
+                await OutboundConnection.open(hop(port), helo_name="me.test", reply_timeout=5)
+            assert not failure.value.permanent
+            await script.done.wait()
+        assert len(script.received) == 2  # no HELO came after the 421
+
+    run(main())
+
+
+def test_a_greeting_that_never_comes_is_a_hop_failure() -> None:
+    async def main() -> None:
+        async with scripted([Step(b"", [])]) as (port, _):
+            with pytest.raises(HopFailure, match=r"did not answer within 0\.2s"):
+                await OutboundConnection.open(hop(port), helo_name="me.test", reply_timeout=0.2)
 
     run(main())
 
@@ -302,3 +326,58 @@ def test_a_connection_cut_mid_transaction_says_whether_the_message_may_have_gone
     assert isinstance(lost, ConnectionLost)
     assert lost.data_sent is data_sent
     assert "lost" in lost.reason
+
+
+def test_a_server_that_stops_reading_a_large_message_and_goes_away_ends_the_transaction() -> None:
+    """The message is far larger than the socket buffers: the client waits for them to drain, and a
+    connection lost meanwhile must end that wait (not spin on it)."""
+
+    async def main() -> object:
+        steps = [
+            greeting(),
+            Step(b"EHLO me.test\r\n", [EHLO_PIPELINING.replace(b"SIZE 100000", b"SIZE")]),
+            Step(b"DATA\r\n", [b"250 ok\r\n250 ok\r\n354 go on\r\n"]),
+            Step(b"", [], close=True, linger=0.3),  # reads none of the data, then closes
+        ]
+        async with scripted(steps) as (port, _):
+            connection = await OutboundConnection.open(hop(port), helo_name="me.test", reply_timeout=5)
+            data = b"Subject: big\r\n\r\n" + b"x" * 76 * 100_000 + b"\r\n"
+            async with asyncio.timeout(10):
+                try:
+                    return await connection.send(mail_from="a@s.test", recipients=["b@r.test"], data=data)
+                except ConnectionLost as lost:
+                    return lost
+
+    lost = run(main())
+    assert isinstance(lost, ConnectionLost) and lost.data_sent
+
+
+def test_a_reply_nobody_asked_for_retires_the_connection_before_the_next_transaction() -> None:
+    """A server closing an idle connection says "421" first; that reply must not answer our next MAIL."""
+
+    async def main() -> tuple[object, object, bool]:
+        steps = [
+            greeting(),
+            Step(b"EHLO me.test\r\n", [EHLO_PIPELINING]),
+            Step(b"DATA\r\n", [b"250 ok\r\n250 ok\r\n354 go on\r\n"]),
+            Step(b"\r\n.\r\n", [b"250 2.0.0 queued\r\n", b"421 4.4.2 idle too long\r\n"]),
+        ]
+        async with scripted(steps) as (port, _):
+            connection = await OutboundConnection.open(hop(port), helo_name="me.test", reply_timeout=5)
+            first = await connection.send(mail_from="a@s.test", recipients=["b@r.test"], data=b"hi\r\n")
+            await asyncio.sleep(0.1)  # the 421 arrives
+            still_open = connection.is_open
+            try:
+                second: object = await connection.send(
+                    mail_from="a@s.test", recipients=["c@r.test"], data=b"x"
+                )
+            except ConnectionLost as lost:
+                second = lost
+            await connection.close()
+            return first, second, still_open
+
+    first, second, still_open = run(main())
+    assert isinstance(first, list) and first[0].reply == "250 2.0.0 queued"
+    assert not still_open  # the pool would not hand it out again
+    assert isinstance(second, ConnectionLost) and not second.data_sent
+    assert "421 4.4.2 idle too long" in second.reason

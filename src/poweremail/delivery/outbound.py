@@ -126,6 +126,8 @@ class OutboundConnection:
             )
         except TimeoutError:
             raise HopFailure(f"no answer from {where} within {reply_timeout:g}s") from None
+        except ReplyTimeout:
+            raise HopFailure(f"{where} did not answer within {reply_timeout:g}s") from None
         except (OSError, SmtpClientError) as exc:
             raise HopFailure(f"connection to {where} failed: {_why(exc)}") from None
         try:

@@ -194,7 +194,7 @@ class _ReplyReader(asyncio.Protocol):
     async def drained(self, within: float) -> None:
         """Until the transport has passed what was written to the kernel, with progress at least every
         ``within`` seconds: a large message's reply timeout starts once it has left, not when queued."""
-        while self._writable is not None:
+        while self._writable is not None and self._failure is None:
             try:
                 async with asyncio.timeout(within):
                     await asyncio.shield(self._writable)
@@ -202,6 +202,11 @@ class _ReplyReader(asyncio.Protocol):
                 raise ReplyTimeout(f"the server took no data for {within:g}s") from None
         if self._failure is not None:
             raise self._failure
+
+    def unasked(self) -> Reply | None:
+        """A reply that came before anything was asked (a server closing an idle connection says
+        "421 timeout" first): the connection's replies no longer match its commands."""
+        return self._replies[0] if self._replies else None
 
     def discard_pending(self) -> bool:
         """Drop whatever arrived beyond the replies asked for; True if there was something."""
@@ -257,26 +262,39 @@ class SmtpClient:
 
     @property
     def is_open(self) -> bool:
+        """Connected, and no reply is waiting that nobody asked for."""
         transport = self._reader.transport
-        return transport is not None and not transport.is_closing() and not self._reader.failed
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and not self._reader.failed
+            and self._reader.unasked() is None
+        )
 
     def offers(self, extension: str) -> bool:
         return extension in self.extensions
 
     async def command(self, line: bytes) -> Reply:
-        self._reader.write(line + b"\r\n")
+        self._write(line + b"\r\n")
         return await self._reader.reply(self._timeout)
+
+    def _write(self, commands: bytes) -> None:
+        if (unasked := self._reader.unasked()) is not None:
+            self.close()
+            raise ServerDisconnected(f"the server said {unasked} unasked")
+        self._reader.write(commands)
 
     async def hello(self, name: str) -> Reply:
         """EHLO, and HELO if the server refuses EHLO (RFC 5321 §3.2). Learns the server's extensions."""
         reply = await self.command(b"EHLO " + name.encode("ascii"))
+        self.extensions = {}
         if reply.positive:
-            self.extensions = {}
             for line in reply.text.split("\n")[1:]:
                 keyword, _, parameters = line.partition(" ")
                 self.extensions[keyword.lower()] = parameters.strip()
             return reply
-        self.extensions = {}
+        if reply.code < 500:  # 421: not a server without EHLO, one that takes nothing now
+            return reply
         return await self.command(b"HELO " + name.encode("ascii"))
 
     async def starttls(self, context: ssl.SSLContext, server_name: str) -> Reply:
@@ -333,7 +351,7 @@ class SmtpClient:
         """
         commands = [b"MAIL FROM:" + mail_from, *(b"RCPT TO:" + address for address in recipients)]
         if pipelining:
-            self._reader.write(b"\r\n".join(commands) + b"\r\nDATA\r\n")
+            self._write(b"\r\n".join(commands) + b"\r\nDATA\r\n")
             replies = [await self._reader.reply(self._timeout) for _ in range(len(commands) + 1)]
             return replies[0], replies[1:-1], replies[-1]
         mail = await self.command(commands[0])

@@ -313,6 +313,21 @@ def test_a_refused_sender_refuses_every_recipient_with_its_reply() -> None:
     assert [(r.outcome, r.reply) for r in results] == [("temporary", "451 4.7.1 slow down")] * 2
 
 
+def test_one_by_one_a_mail_reply_other_than_250_sends_no_rcpt() -> None:
+    """The same rule as outbound.py's reading of the replies (MAIL_ACCEPTED): a 2xx that is not 250
+    must not let RCPT and DATA go, or the transaction would end in a lone dot (an empty message)."""
+    steps = [
+        greeting(),
+        Step(b"EHLO me.test\r\n", [b"250 mx.test\r\n"]),
+        Step(b"MAIL FROM:<a@s.test>\r\n", [b"252 2.1.0 odd\r\n"]),
+        Step(b"RSET\r\n", [b"250 ok\r\n"]),
+        Step(b"QUIT\r\n", [b"221 bye\r\n"]),
+    ]
+    results, script = send_one(steps, ["b@r.test"])
+    assert isinstance(results, list) and [r.reply for r in results] == ["252 2.1.0 odd"]
+    assert script.received[2:4] == [b"MAIL FROM:<a@s.test>\r\n", b"RSET\r\n"]
+
+
 @pytest.mark.parametrize(("cut_after", "data_sent"), [(b"DATA\r\n", False), (b"\r\n.\r\n", True)])
 def test_a_connection_cut_mid_transaction_says_whether_the_message_may_have_gone(
     cut_after: bytes, data_sent: bool

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Literal
 
 from poweremail.delivery.smtp_client import (
+    MAIL_ACCEPTED,
+    RCPT_ACCEPTED,
     Reply,
     ReplyTimeout,
     SmtpClient,
@@ -188,20 +190,20 @@ class OutboundConnection:
                 [_path(address, encoding) for address in recipients],
                 pipelining=client.offers("pipelining"),
             )
-            if mail.code != 250:
+            if mail.code not in MAIL_ACCEPTED:
                 refused = {address: _remote(address, mail) for address in recipients}
             else:
-                # 251: "user not local; will forward" (RFC 5321 §3.4).
                 refused = {
                     address: _remote(address, reply)
                     for address, reply in zip(recipients, rcpts, strict=True)
-                    if reply.code not in (250, 251)
+                    if reply.code not in RCPT_ACCEPTED
                 }
-            if data_reply is not None and data_reply.code == 354 and len(refused) < len(recipients):
+            data_started = data_reply is not None and data_reply.code == 354
+            if data_started and len(refused) < len(recipients):
                 data_sent = True
                 final = await client.send_data(data_for_the_wire(data))
             else:
-                if data_reply is not None and data_reply.code == 354:
+                if data_started:
                     # A server that took DATA with no recipient: end it empty (RFC 2920 §3.1).
                     await client.send_data(b".\r\n")
                 await self._reset()

@@ -30,6 +30,11 @@ from dataclasses import dataclass
 MAX_REPLY_LINE = 8192
 MAX_REPLY_LINES = 100
 
+# What accepts a transaction's step (RFC 5321 §4.3.2): MAIL only 250; RCPT 250, or 251 "user not
+# local; will forward" (§3.4). One rule for the pipelined and the one-by-one conversation alike.
+MAIL_ACCEPTED = (250,)
+RCPT_ACCEPTED = (250, 251)
+
 # RFC 5321 §2.3.8: a lone CR or LF is not a line ending, and must not leave as one. Stored messages are
 # CRLF throughout already (the submission server saw to it); this is the last guard before the wire.
 _LONE_LINE_ENDING = re.compile(rb"\r(?!\n)|(?<!\r)\n")
@@ -209,13 +214,11 @@ class _ReplyReader(asyncio.Protocol):
         "421 timeout" first): the connection's replies no longer match its commands."""
         return self._replies[0] if self._replies else None
 
-    def discard_pending(self) -> bool:
-        """Drop whatever arrived beyond the replies asked for; True if there was something."""
-        pending = bool(self._replies or self._lines or self._buffer)
+    def discard_pending(self) -> None:
+        """Drop whatever arrived beyond the replies asked for."""
         self._replies.clear()
         self._lines = []
         self._buffer.clear()
-        return pending
 
 
 class SmtpClient:
@@ -356,10 +359,10 @@ class SmtpClient:
             replies = [await self._reader.reply(self._timeout) for _ in range(len(commands) + 1)]
             return replies[0], replies[1:-1], replies[-1]
         mail = await self.command(commands[0])
-        if not mail.positive:
+        if mail.code not in MAIL_ACCEPTED:
             return mail, [], None
         rcpts = [await self.command(command) for command in commands[1:]]
-        if not any(reply.code in (250, 251) for reply in rcpts):
+        if not any(reply.code in RCPT_ACCEPTED for reply in rcpts):
             return mail, rcpts, None
         return mail, rcpts, await self.command(b"DATA")
 
